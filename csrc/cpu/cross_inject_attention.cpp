@@ -1,0 +1,354 @@
+// CPU kernels for cross_inject_attention: FlashAttention-style tiled online softmax.
+//
+// A task owns one (sequence, kv head, block of queries) tile. The G = Hq/Hk query heads that share
+// the kv head are stacked into the rows of one tile, so every key block is read, converted and
+// rotated once for all of them, and the two products per key block (S = Q K^T, O += P V) are
+// float32 GEMMs of useful size. Scores never exist beyond one [rows, key block] tile.
+// Backward recomputes P from the saved log-sum-exp: one pass over key tiles writes dK/dV (each
+// tile owns its rows, no atomics), a second over query tiles writes dQ.
+#include "sharedllm/cross_inject_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "sharedllm/cpu_runtime.h"
+
+namespace sharedllm::cpu {
+namespace {
+
+constexpr int64_t kTileRows = 256;  // target (query head x query) rows per tile
+constexpr int64_t kKeyBlock = 256;  // keys per block
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// 2^x for x <= 0 with ~1e-7 relative error, written so that loops over it vectorise.
+inline float exp2_nonpositive(float x) {
+  const float clamped = x < -127.0f ? -127.0f : x;
+  const float whole = (clamped + 12582912.0f) - 12582912.0f;  // round to nearest integer
+  const float f = clamped - whole;                             // in [-0.5, 0.5]
+  float p = 1.525273380405984e-05f;
+  p = p * f + 1.5403530393381606e-04f;
+  p = p * f + 1.3333558146428443e-03f;
+  p = p * f + 9.618129107628477e-03f;
+  p = p * f + 5.550410866482158e-02f;
+  p = p * f + 2.402265069591007e-01f;
+  p = p * f + 6.931471805599453e-01f;
+  p = p * f + 1.0f;
+  const int32_t n = static_cast<int32_t>(whole);
+  const float scaled = bits_to_float(float_to_bits(p) + (static_cast<uint32_t>(n) << 23));
+  return clamped < -126.0f ? 0.0f : scaled;
+}
+
+SHAREDLLM_CPU_CLONES float row_max(const float* s, int64_t n) {
+  constexpr int kLanes = 8;
+  float m[kLanes];
+  for (int t = 0; t < kLanes; ++t) m[t] = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int t = 0; t < kLanes; ++t) m[t] = s[j + t] > m[t] ? s[j + t] : m[t];
+  float best = -std::numeric_limits<float>::infinity();
+  for (int t = 0; t < kLanes; ++t) best = m[t] > best ? m[t] : best;
+  for (; j < n; ++j) best = s[j] > best ? s[j] : best;
+  return best;
+}
+
+// s <- 2^(s - shift) in place; returns the sum.
+SHAREDLLM_CPU_CLONES float exp2_shifted_sum(float* s, int64_t n, float shift) {
+  constexpr int kLanes = 8;
+  float acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int t = 0; t < kLanes; ++t) {
+      const float e = exp2_nonpositive(s[j + t] - shift);
+      s[j + t] = e;
+      acc[t] += e;
+    }
+  float total = 0.0f;
+  for (int t = 0; t < kLanes; ++t) total += acc[t];
+  for (; j < n; ++j) {
+    s[j] = exp2_nonpositive(s[j] - shift);
+    total += s[j];
+  }
+  return total;
+}
+
+// s <- p * (s - delta), the softmax backward of one row (p = probabilities, s = dP)
+SHAREDLLM_CPU_CLONES void softmax_grad_row(float* ds, const float* p, int64_t n, float delta) {
+  for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - delta);
+}
+
+SHAREDLLM_CPU_CLONES void scale_row(float* x, int64_t n, float a) {
+  for (int64_t j = 0; j < n; ++j) x[j] *= a;
+}
+
+template <typename T>
+SHAREDLLM_CPU_CLONES void convert_row(float* dst, const T* src, int64_t n, float scale) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = to_float(src[j]) * scale;
+}
+
+template <typename T>
+SHAREDLLM_CPU_CLONES void store_row(T* dst, const float* src, int64_t n, float scale) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = from_float<T>(src[j] * scale);
+}
+
+// A block of consecutive rows of one sequence for one kv head.
+struct Tile {
+  int64_t batch, kv_head, start, len;
+};
+
+std::vector<Tile> make_tiles(const int32_t* cu, int64_t batch, int64_t kv_heads, int64_t block) {
+  std::vector<Tile> tiles;
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t s = cu[b]; s < cu[b + 1]; s += block)
+      for (int64_t g = 0; g < kv_heads; ++g) tiles.push_back({b, g, s, std::min<int64_t>(block, cu[b + 1] - s)});
+  return tiles;
+}
+
+// Rows [start, start+len) of head `head` into dst (ld = dim) as float32, rotated if the rotary is
+// on, times `scale`.
+template <typename T>
+void load_rows(float* dst, const T* base, int64_t row_stride, int64_t start, int64_t len, int64_t dim,
+               const int32_t* positions, const RotaryParams& rot, float scale) {
+  for (int64_t r = 0; r < len; ++r) {
+    float* row = dst + r * dim;
+    convert_row(row, base + (start + r) * row_stride, dim, 1.0f);
+    if (rot.enabled()) {
+      const int64_t pos = positions[start + r];
+      rotary_apply(row, rot.cos + pos * dim, rot.sin + pos * dim, dim);
+    }
+    if (scale != 1.0f) scale_row(row, dim, scale);
+  }
+}
+
+// A key or value block as a float32 row-major matrix: in place when it already is one (float32,
+// not rotated, rows far enough apart for a GEMM), else converted into `scratch`.
+template <typename T>
+const float* key_block(float* scratch, int64_t* ld, const T* base, int64_t row_stride, int64_t start, int64_t len,
+                       int64_t dim, const int32_t* positions, const RotaryParams& rot) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!rot.enabled() && row_stride >= dim) {
+      *ld = row_stride;
+      return base + start * row_stride;
+    }
+  }
+  load_rows(scratch, base, row_stride, start, len, dim, positions, rot, 1.0f);
+  *ld = dim;
+  return scratch;
+}
+
+// Rows of a tile: query head (kv_head * G + gi), query (start + i) is row gi * len + i.
+template <typename T>
+void load_query_tile(float* dst, const AttentionParams& p, const T* q, const Tile& t, int64_t group, float scale) {
+  for (int64_t gi = 0; gi < group; ++gi) {
+    const T* base = q + (t.kv_head * group + gi) * p.q_head_stride;
+    load_rows(dst + gi * t.len * p.head_dim, base, p.q_row_stride, t.start, t.len, p.head_dim,
+              p.rotary.q_positions, p.rotary, scale);
+  }
+}
+
+int64_t query_block_size(int64_t group) { return std::max<int64_t>(1, kTileRows / group); }
+
+}  // namespace
+
+template <typename T>
+void cross_inject_attention_forward(const AttentionForwardParams& p) {
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  T* out = static_cast<T*>(p.out);
+  const int64_t G = p.num_q_heads / p.num_kv_heads, D = p.head_dim, Dv = p.v_dim, Hq = p.num_q_heads;
+  const int64_t block_q = query_block_size(G);
+  const std::vector<Tile> tiles = make_tiles(p.cu_seqlens_q, p.batch, p.num_kv_heads, block_q);
+  const float score_scale = p.softmax_scale * kLog2e;  // scores in log2 units, for exp2
+
+  parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    const int64_t rows_max = G * block_q;
+    std::vector<float> qs(rows_max * D), s(rows_max * kKeyBlock), o(rows_max * Dv);
+    std::vector<float> m(rows_max), l(rows_max), ks(kKeyBlock * D), vs(kKeyBlock * Dv);
+    for (int64_t ti = begin; ti < end; ++ti) {
+      const Tile& t = tiles[ti];
+      const int64_t rows = G * t.len;
+      load_query_tile(qs.data(), p, q, t, G, score_scale);
+      std::fill(o.begin(), o.begin() + rows * Dv, 0.0f);
+      std::fill(m.begin(), m.begin() + rows, -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.begin() + rows, 0.0f);
+      const int64_t k_begin = p.cu_seqlens_k[t.batch], k_end = p.cu_seqlens_k[t.batch + 1];
+      for (int64_t kb = k_begin; kb < k_end; kb += kKeyBlock) {
+        const int64_t nb = std::min(kKeyBlock, k_end - kb);
+        int64_t ldk, ldv;
+        const float* kblk = key_block(ks.data(), &ldk, k + t.kv_head * p.k_head_stride, p.k_row_stride, kb, nb, D,
+                                      p.rotary.k_positions, p.rotary);
+        const float* vblk = key_block(vs.data(), &ldv, v + t.kv_head * p.v_head_stride, p.v_row_stride, kb, nb, Dv,
+                                      nullptr, RotaryParams{});
+        gemm_f32(false, true, rows, nb, D, 1.0f, qs.data(), D, kblk, ldk, 0.0f, s.data(), nb);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* srow = s.data() + r * nb;
+          const float m_new = std::max(m[r], row_max(srow, nb));
+          const float alpha = exp2_nonpositive(m[r] - m_new);  // 0 on the first block
+          l[r] = l[r] * alpha + exp2_shifted_sum(srow, nb, m_new);
+          m[r] = m_new;
+          if (alpha != 1.0f) scale_row(o.data() + r * Dv, Dv, alpha);
+        }
+        gemm_f32(false, false, rows, Dv, nb, 1.0f, s.data(), nb, vblk, ldv, 1.0f, o.data(), Dv);
+      }
+      for (int64_t gi = 0; gi < G; ++gi) {
+        const int64_t h = t.kv_head * G + gi;
+        for (int64_t i = 0; i < t.len; ++i) {
+          const int64_t r = gi * t.len + i, qi = t.start + i;
+          const bool empty = l[r] == 0.0f;  // no keys in this sequence
+          store_row(out + (qi * Hq + h) * Dv, o.data() + r * Dv, Dv, empty ? 0.0f : 1.0f / l[r]);
+          p.lse[qi * Hq + h] = empty ? -std::numeric_limits<float>::infinity() : (m[r] + std::log2(l[r])) * kLn2;
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void cross_inject_attention_backward(const AttentionBackwardParams& p) {
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* dout = static_cast<const T*>(p.grad_out);
+  const T* out = static_cast<const T*>(p.out);
+  T* dq = static_cast<T*>(p.grad_q);
+  T* dk = static_cast<T*>(p.grad_k);
+  T* dv = static_cast<T*>(p.grad_v);
+  const int64_t G = p.num_q_heads / p.num_kv_heads, D = p.head_dim, Dv = p.v_dim;
+  const int64_t Hq = p.num_q_heads, Hk = p.num_kv_heads;
+  const int64_t block_q = query_block_size(G);
+  const float score_scale = p.softmax_scale * kLog2e;
+  const int64_t num_q = p.cu_seqlens_q[p.batch];
+
+  // delta = rowsum(dO * O) - dlse: the softmax-backward term shared by every key of a row
+  std::vector<float> delta(static_cast<size_t>(num_q * Hq));
+  parallel_for(0, num_q * Hq, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < Dv; ++j) acc += to_float(dout[r * Dv + j]) * to_float(out[r * Dv + j]);
+      delta[r] = acc - (p.grad_lse ? p.grad_lse[r] : 0.0f);
+    }
+  });
+
+  // Everything one query tile contributes: rotated q (unscaled), dO, lse in log2 units, delta.
+  struct QueryTile {
+    std::vector<float> qs, dos, lse2, dl;
+    void load(const AttentionBackwardParams& p, const T* q, const T* dout, const std::vector<float>& delta,
+              const Tile& t, int64_t G) {
+      const int64_t Dv = p.v_dim, Hq = p.num_q_heads;
+      load_query_tile(qs.data(), p, q, t, G, 1.0f);
+      for (int64_t gi = 0; gi < G; ++gi) {
+        const int64_t h = t.kv_head * G + gi;
+        for (int64_t i = 0; i < t.len; ++i) {
+          const int64_t r = gi * t.len + i, row = (t.start + i) * Hq + h;
+          convert_row(dos.data() + r * Dv, dout + row * Dv, Dv, 1.0f);
+          lse2[r] = p.lse[row] * kLog2e;
+          dl[r] = delta[row];
+        }
+      }
+    }
+  };
+  // P = softmax probabilities and dS = P * (dP - delta) of one (query tile, key block) pair.
+  auto probs_and_grad = [&](QueryTile& qt, int64_t rows, const float* kblk, const float* vblk, int64_t nb,
+                            float* prob, float* dscore) {
+    gemm_f32(false, true, rows, nb, D, score_scale, qt.qs.data(), D, kblk, D, 0.0f, prob, nb);
+    for (int64_t r = 0; r < rows; ++r) exp2_shifted_sum(prob + r * nb, nb, qt.lse2[r]);
+    gemm_f32(false, true, rows, nb, Dv, 1.0f, qt.dos.data(), Dv, vblk, Dv, 0.0f, dscore, nb);
+    for (int64_t r = 0; r < rows; ++r) softmax_grad_row(dscore + r * nb, prob + r * nb, nb, qt.dl[r]);
+  };
+  auto new_query_tile = [&]() {
+    const int64_t rows_max = G * block_q;
+    return QueryTile{std::vector<float>(rows_max * D), std::vector<float>(rows_max * Dv),
+                     std::vector<float>(rows_max), std::vector<float>(rows_max)};
+  };
+
+  // Pass 1: dK, dV. A task owns a block of keys of one kv head and visits every query of the sequence.
+  const std::vector<Tile> key_tiles = make_tiles(p.cu_seqlens_k, p.batch, Hk, kKeyBlock);
+  parallel_for(0, static_cast<int64_t>(key_tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    QueryTile qt = new_query_tile();
+    const int64_t rows_max = G * block_q;
+    std::vector<float> ks(kKeyBlock * D), vs(kKeyBlock * Dv), dk_acc(kKeyBlock * D), dv_acc(kKeyBlock * Dv);
+    std::vector<float> prob(rows_max * kKeyBlock), dscore(rows_max * kKeyBlock);
+    for (int64_t ti = begin; ti < end; ++ti) {
+      const Tile& kt = key_tiles[ti];
+      const int64_t nb = kt.len;
+      load_rows(ks.data(), k + kt.kv_head * p.k_head_stride, p.k_row_stride, kt.start, nb, D, p.rotary.k_positions,
+                p.rotary, 1.0f);
+      load_rows(vs.data(), v + kt.kv_head * p.v_head_stride, p.v_row_stride, kt.start, nb, Dv, nullptr,
+                RotaryParams{}, 1.0f);
+      std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
+      std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
+      const int64_t q_begin = p.cu_seqlens_q[kt.batch], q_end = p.cu_seqlens_q[kt.batch + 1];
+      for (int64_t qb = q_begin; qb < q_end; qb += block_q) {
+        const Tile t{kt.batch, kt.kv_head, qb, std::min(block_q, q_end - qb)};
+        const int64_t rows = G * t.len;
+        qt.load(p, q, dout, delta, t, G);
+        probs_and_grad(qt, rows, ks.data(), vs.data(), nb, prob.data(), dscore.data());
+        gemm_f32(true, false, nb, Dv, rows, 1.0f, prob.data(), nb, qt.dos.data(), Dv, 1.0f, dv_acc.data(), Dv);
+        gemm_f32(true, false, nb, D, rows, p.softmax_scale, dscore.data(), nb, qt.qs.data(), D, 1.0f, dk_acc.data(),
+                 D);
+      }
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t row = (kt.start + j) * Hk + kt.kv_head;
+        float* g = dk_acc.data() + j * D;
+        if (p.rotary.enabled()) {
+          const int64_t pos = p.rotary.k_positions[kt.start + j];
+          rotary_apply_transposed(g, p.rotary.cos + pos * D, p.rotary.sin + pos * D, D);
+        }
+        store_row(dk + row * D, g, D, 1.0f);
+        store_row(dv + row * Dv, dv_acc.data() + j * Dv, Dv, 1.0f);
+      }
+    }
+  });
+
+  // Pass 2: dQ. A task owns a query tile and visits every key block of its sequence.
+  const std::vector<Tile> query_tiles = make_tiles(p.cu_seqlens_q, p.batch, Hk, block_q);
+  parallel_for(0, static_cast<int64_t>(query_tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    QueryTile qt = new_query_tile();
+    const int64_t rows_max = G * block_q;
+    std::vector<float> ks(kKeyBlock * D), vs(kKeyBlock * Dv), dq_acc(rows_max * D);
+    std::vector<float> prob(rows_max * kKeyBlock), dscore(rows_max * kKeyBlock);
+    for (int64_t ti = begin; ti < end; ++ti) {
+      const Tile& t = query_tiles[ti];
+      const int64_t rows = G * t.len;
+      qt.load(p, q, dout, delta, t, G);
+      std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
+      const int64_t k_begin = p.cu_seqlens_k[t.batch], k_end = p.cu_seqlens_k[t.batch + 1];
+      for (int64_t kb = k_begin; kb < k_end; kb += kKeyBlock) {
+        const int64_t nb = std::min(kKeyBlock, k_end - kb);
+        load_rows(ks.data(), k + t.kv_head * p.k_head_stride, p.k_row_stride, kb, nb, D, p.rotary.k_positions,
+                  p.rotary, 1.0f);
+        load_rows(vs.data(), v + t.kv_head * p.v_head_stride, p.v_row_stride, kb, nb, Dv, nullptr, RotaryParams{},
+                  1.0f);
+        probs_and_grad(qt, rows, ks.data(), vs.data(), nb, prob.data(), dscore.data());
+        gemm_f32(false, false, rows, D, nb, p.softmax_scale, dscore.data(), nb, ks.data(), D, 1.0f, dq_acc.data(),
+                 D);
+      }
+      for (int64_t gi = 0; gi < G; ++gi) {
+        const int64_t h = t.kv_head * G + gi;
+        for (int64_t i = 0; i < t.len; ++i) {
+          float* g = dq_acc.data() + (gi * t.len + i) * D;
+          const int64_t qi = t.start + i;
+          if (p.rotary.enabled()) {
+            const int64_t pos = p.rotary.q_positions[qi];
+            rotary_apply_transposed(g, p.rotary.cos + pos * D, p.rotary.sin + pos * D, D);
+          }
+          store_row(dq + (qi * Hq + h) * D, g, D, 1.0f);
+        }
+      }
+    }
+  });
+}
+
+#define SHAREDLLM_INSTANTIATE(T)                                                          \
+  template void cross_inject_attention_forward<T>(const AttentionForwardParams&); \
+  template void cross_inject_attention_backward<T>(const AttentionBackwardParams&);
+SHAREDLLM_INSTANTIATE(float)
+SHAREDLLM_INSTANTIATE(half_t)
+SHAREDLLM_INSTANTIATE(bfloat16_t)
+#undef SHAREDLLM_INSTANTIATE
+
+}  // namespace sharedllm::cpu

@@ -1,0 +1,123 @@
+// CPU kernel for tree_topk. Phase 1 scores all B*C*T nodes in parallel (dot product and squared
+// norm in one pass over each embedding); phase 2 runs the descent of each (sequence, chunk) on
+// its T scores, which is tiny next to reading the embeddings.
+#include "sharedllm/tree_topk.h"
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#include "sharedllm/cpu_runtime.h"
+
+namespace sharedllm::cpu {
+namespace {
+
+constexpr int kLanes = 16;  // independent partial sums, so the loop vectorises without -ffast-math
+
+template <typename T>
+SHAREDLLM_CPU_CLONES void dot_and_sqnorm(const T* e, const float* q, int64_t n, float* dot, float* sqnorm) {
+  float d[kLanes] = {}, s[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int t = 0; t < kLanes; ++t) {
+      const float v = to_float(e[i + t]);
+      d[t] += v * q[i + t];
+      s[t] += v * v;
+    }
+  }
+  for (; i < n; ++i) {
+    const float v = to_float(e[i]);
+    d[0] += v * q[i];
+    s[0] += v * v;
+  }
+  float dd = 0.0f, ss = 0.0f;
+  for (int t = 0; t < kLanes; ++t) {
+    dd += d[t];
+    ss += s[t];
+  }
+  *dot = dd;
+  *sqnorm = ss;
+}
+
+// Ranks candidates by score, best first; ties keep the lower id first (stable on ascending ids).
+void rank_candidates(std::vector<int64_t>& cand, const float* level_scores) {
+  std::stable_sort(cand.begin(), cand.end(),
+                   [&](int64_t a, int64_t b) { return level_scores[a] > level_scores[b]; });
+}
+
+}  // namespace
+
+template <typename T>
+void tree_topk(const TreeTopkParams& p) {
+  const T* query = static_cast<const T*>(p.query);
+  const T* emb = static_cast<const T*>(p.node_emb);
+  const int64_t B = p.batch, C = p.chunks, Tn = p.nodes, D = p.dim;
+  const int64_t b = p.branching, h = p.depth;
+
+  // queries in float32 with their norms (B is small)
+  std::vector<float> qf(static_cast<size_t>(B * D));
+  std::vector<float> q_norm(static_cast<size_t>(B));
+  for (int64_t i = 0; i < B; ++i) {
+    float sq = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      const float v = to_float(query[i * p.q_stride + d]);
+      qf[i * D + d] = v;
+      sq += v * v;
+    }
+    q_norm[i] = std::max(std::sqrt(sq), 1e-8f);
+  }
+
+  parallel_for(0, B * C * Tn, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bi = item / (C * Tn), c = (item / Tn) % C, t = item % Tn;
+      const T* e = emb + bi * p.e_batch_stride + c * p.e_chunk_stride + t * p.e_node_stride;
+      float dot, sq;
+      dot_and_sqnorm(e, qf.data() + bi * D, D, &dot, &sq);
+      p.scores[item] =
+          p.score == ScoreMode::kDot ? dot : dot / (q_norm[bi] * std::max(std::sqrt(sq), 1e-8f));
+    }
+  });
+
+  parallel_for(0, B * C, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> expanded, candidates;
+    std::vector<std::pair<int64_t, int32_t>> kept;  // (first leaf, level-order id)
+    for (int64_t item = begin; item < end; ++item) {
+      const float* scores = p.scores + item * Tn;
+      kept.clear();
+      expanded.clear();
+      int64_t offset = 0, width = b;  // first id and node count of the current level
+      for (int64_t level = 1; level <= h; ++level) {
+        candidates.clear();
+        if (level == 1) {
+          for (int64_t i = 0; i < b; ++i) candidates.push_back(i);
+        } else {
+          std::sort(expanded.begin(), expanded.end());  // children in ascending id order
+          for (int64_t parent : expanded)
+            for (int64_t i = 0; i < b; ++i) candidates.push_back(parent * b + i);
+        }
+        int64_t num_expanded = 0;
+        if (level < h) {
+          rank_candidates(candidates, scores + offset);
+          num_expanded = p.k;
+        }
+        int64_t leaf_width = 1;
+        for (int64_t l = level; l < h; ++l) leaf_width *= b;
+        expanded.assign(candidates.begin(), candidates.begin() + num_expanded);
+        for (size_t i = static_cast<size_t>(num_expanded); i < candidates.size(); ++i)
+          kept.emplace_back(candidates[i] * leaf_width, static_cast<int32_t>(offset + candidates[i]));
+        offset += width;
+        width *= b;
+      }
+      std::sort(kept.begin(), kept.end());
+      int32_t* ids = p.node_ids + item * p.preserved;
+      for (int64_t i = 0; i < p.preserved; ++i) ids[i] = kept[static_cast<size_t>(i)].second;
+    }
+  });
+}
+
+template void tree_topk<float>(const TreeTopkParams&);
+template void tree_topk<half_t>(const TreeTopkParams&);
+template void tree_topk<bfloat16_t>(const TreeTopkParams&);
+
+}  // namespace sharedllm::cpu

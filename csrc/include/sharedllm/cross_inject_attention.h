@@ -1,0 +1,75 @@
+// cross_inject_attention (DESIGN 3.3): non-causal varlen attention from the decoder's queries to
+// the injected (compressed) context keys, with GQA and a fused HF-style rotary embedding.
+#pragma once
+
+#include <cstdint>
+
+#include "sharedllm/common.h"
+
+namespace sharedllm {
+
+// Optional fused rotary embedding: x <- x * cos[pos] + rotate_half(x) * sin[pos].
+struct RotaryParams {
+  const int32_t* q_positions = nullptr;  // [Nq]
+  const int32_t* k_positions = nullptr;  // [Nk]
+  const float* cos = nullptr;            // [max_pos, D], contiguous float32
+  const float* sin = nullptr;            // [max_pos, D], contiguous float32
+  bool enabled() const { return cos != nullptr; }
+};
+
+struct AttentionParams {
+  const void* q;  // [Nq, Hq, D]
+  const void* k;  // [Nk, Hk, D]
+  const void* v;  // [Nk, Hk, Dv]
+  const int32_t* cu_seqlens_q;  // [B + 1]
+  const int32_t* cu_seqlens_k;  // [B + 1]
+  int64_t batch, num_q_heads, num_kv_heads, head_dim, v_dim;
+  int64_t q_row_stride, q_head_stride;  // in elements; the last dim is contiguous
+  int64_t k_row_stride, k_head_stride;
+  int64_t v_row_stride, v_head_stride;
+  float softmax_scale;
+  RotaryParams rotary;
+};
+
+struct AttentionForwardParams : AttentionParams {
+  void* out;   // [Nq, Hq, Dv], contiguous
+  float* lse;  // [Nq, Hq], contiguous, natural log
+};
+
+struct AttentionBackwardParams : AttentionParams {
+  const void* grad_out;        // [Nq, Hq, Dv], contiguous
+  const void* out;             // [Nq, Hq, Dv], contiguous
+  const float* lse;            // [Nq, Hq], contiguous
+  const float* grad_lse;       // [Nq, Hq] contiguous, or null
+  void* grad_q;                // [Nq, Hq, D], contiguous
+  void* grad_k;                // [Nk, Hk, D], contiguous
+  void* grad_v;                // [Nk, Hk, Dv], contiguous
+};
+
+// Rotation of one row (D even) and its transpose, shared by every backend.
+SHAREDLLM_HOST_DEVICE inline void rotary_apply(float* x, const float* cos, const float* sin, int64_t dim) {
+  const int64_t half = dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+SHAREDLLM_HOST_DEVICE inline void rotary_apply_transposed(float* g, const float* cos, const float* sin,
+                                                          int64_t dim) {
+  const int64_t half = dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = g[i], b = g[i + half];
+    g[i] = a * cos[i] + b * sin[i + half];
+    g[i + half] = b * cos[i + half] - a * sin[i];
+  }
+}
+
+namespace cpu {
+template <typename T>
+void cross_inject_attention_forward(const AttentionForwardParams& p);
+template <typename T>
+void cross_inject_attention_backward(const AttentionBackwardParams& p);
+}  // namespace cpu
+
+}  // namespace sharedllm

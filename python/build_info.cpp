@@ -1,0 +1,37 @@
+// torch.ops.sharedllm.build_info(): what this binary was compiled with, as "key=value" lines.
+#include <ATen/ATen.h>
+
+#include <sstream>
+
+#include "ops.h"
+
+#ifndef SHAREDLLM_TORCH_VERSION
+#define SHAREDLLM_TORCH_VERSION "unknown"
+#endif
+#ifndef SHAREDLLM_CUDA_ARCHS
+#define SHAREDLLM_CUDA_ARCHS ""
+#endif
+
+#ifdef SHAREDLLM_WITH_CUDA
+namespace sharedllm::cuda {
+int compiled_cuda_version();  // csrc/cuda/device_info.cu
+}
+#endif
+
+namespace sharedllm::binding {
+
+std::string build_info() {
+  std::ostringstream s;
+  s << "torch_version=" << SHAREDLLM_TORCH_VERSION << "\n";
+#ifdef SHAREDLLM_WITH_CUDA
+  const int v = sharedllm::cuda::compiled_cuda_version();
+  s << "cuda_version=" << v / 1000 << "." << (v % 1000) / 10 << "\n";
+  s << "cuda_archs=" << SHAREDLLM_CUDA_ARCHS << "\n";
+#else
+  s << "cuda_version=\ncuda_archs=\n";
+#endif
+  s << "compiler=" << __VERSION__ << "\n";
+  return s.str();
+}
+
+}  // namespace sharedllm::binding

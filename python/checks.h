@@ -1,0 +1,91 @@
+// Input validation shared by the CPU and CUDA bindings. Every failure raises a ValueError (via
+// TORCH_CHECK_VALUE) whose message names the argument and what was expected.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "sharedllm/common.h"
+
+namespace sharedllm::binding {
+
+inline void check_rank(const at::Tensor& t, int64_t rank, const char* name, const char* shape) {
+  TORCH_CHECK_VALUE(t.dim() == rank, name, " must have shape ", shape, " (", rank, " dims), got ", t.sizes());
+}
+
+inline void check_float_dtype(const at::Tensor& t, const char* name) {
+  const auto d = t.scalar_type();
+  TORCH_CHECK_VALUE(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, name,
+                    " must be float32, float16 or bfloat16, got ", d);
+}
+
+inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
+                    ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the device of ", ref_name, " (", ref.device(),
+                    "), got ", t.device());
+}
+
+inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have stride 1 in its last dimension, got strides ",
+                    t.strides());
+  for (int64_t d = 0; d < t.dim(); ++d)
+    TORCH_CHECK_VALUE(t.stride(d) >= 0, name, " must not have negative strides, got ", t.strides());
+}
+
+inline void check_index_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+}
+
+// cu_seqlens: int32 [S + 1], cu[0] == 0, non-decreasing, cu[S] == total. Reads the values, so on
+// CUDA it costs a copy to the host; callers on the hot path validate on the device instead.
+inline void check_cu_seqlens(const at::Tensor& cu, int64_t total, const char* name, const char* total_name) {
+  check_index_tensor(cu, name);
+  check_rank(cu, 1, name, "[S + 1]");
+  TORCH_CHECK_VALUE(cu.numel() >= 1, name, " must have at least one element (it starts with 0)");
+  const at::Tensor host = cu.device().is_cpu() ? cu.contiguous() : cu.to(at::kCPU).contiguous();
+  const int32_t* c = host.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(c[0] == 0, name, "[0] must be 0, got ", c[0]);
+  for (int64_t i = 1; i < host.numel(); ++i)
+    TORCH_CHECK_VALUE(c[i] >= c[i - 1], name, " must be non-decreasing, but ", name, "[", i, "] = ", c[i], " < ",
+                      name, "[", i - 1, "] = ", c[i - 1]);
+  TORCH_CHECK_VALUE(c[host.numel() - 1] == total, name, "[-1] must equal ", total_name, " = ", total, ", got ",
+                    c[host.numel() - 1]);
+}
+
+inline void check_positions(const at::Tensor& pos, int64_t n, int64_t max_pos, const char* name) {
+  check_index_tensor(pos, name);
+  TORCH_CHECK_VALUE(pos.dim() == 1 && pos.size(0) == n, name, " must have shape [", n, "], got ", pos.sizes());
+  if (n == 0) return;
+  const at::Tensor host = pos.device().is_cpu() ? pos.contiguous() : pos.to(at::kCPU).contiguous();
+  const auto [lo, hi] = at::aminmax(host);
+  const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+  TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < max_pos, name, " must lie in [0, ", max_pos,
+                    ") (the rows of the rotary table), got values in [", lo_v, ", ", hi_v, "]");
+}
+
+// Pointer cast from torch's 16-bit float types to the layout-compatible csrc storage types.
+template <typename T>
+struct KernelType {
+  using type = T;
+};
+template <>
+struct KernelType<at::Half> {
+  using type = sharedllm::half_t;
+};
+template <>
+struct KernelType<at::BFloat16> {
+  using type = sharedllm::bfloat16_t;
+};
+
+}  // namespace sharedllm::binding
+
+// AT_DISPATCH over exactly the dtypes the kernels are instantiated for.
+#define SHAREDLLM_DISPATCH_FLOATING(TYPE, NAME, ...)                \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))

@@ -1,0 +1,40 @@
+// The host services of csrc/include/sharedllm/cpu_runtime.h, implemented with ATen: torch's
+// intra-op thread pool (so torch.set_num_threads applies) and the BLAS torch links.
+#include "sharedllm/cpu_runtime.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+// torch's x86 wheels link MKL statically and export its Fortran BLAS symbol; where it is absent
+// (other builds) the weak reference is null and we fall back to at::mm_out on wrapped buffers.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+namespace sharedllm::cpu {
+
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  at::parallel_for(begin, end, grain, fn);
+}
+
+void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+              const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (sgemm_ != nullptr) {
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+    const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+    sgemm_(&ta, &tb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor A = trans_a ? at::from_blob(const_cast<float*>(a), {k, m}, {lda, 1}, opts).t()
+                               : at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, opts);
+  const at::Tensor B = trans_b ? at::from_blob(const_cast<float*>(b), {n, k}, {ldb, 1}, opts).t()
+                               : at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, opts);
+  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  at::addmm_out(C, C, A, B, beta, alpha);
+}
+
+}  // namespace sharedllm::cpu
