@@ -10,11 +10,19 @@
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count (C interface). Our GEMMs run inside parallel tasks; letting MKL
+// fan out again from there oversubscribes the cores.
+extern "C" int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 
 namespace sharedllm::cpu {
 
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
-  at::parallel_for(begin, end, grain, fn);
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    if (MKL_Set_Num_Threads_Local == nullptr) return fn(b, e);
+    const int previous = MKL_Set_Num_Threads_Local(1);
+    fn(b, e);
+    MKL_Set_Num_Threads_Local(previous);
+  });
 }
 
 void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,

@@ -25,7 +25,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // 2^x for x <= 0 with ~1e-7 relative error, written so that loops over it vectorise.
-inline float exp2_nonpositive(float x) {
+SHAREDLLM_INLINE float exp2_nonpositive(float x) {
   const float clamped = x < -127.0f ? -127.0f : x;
   const float whole = (clamped + 12582912.0f) - 12582912.0f;  // round to nearest integer
   const float f = clamped - whole;                             // in [-0.5, 0.5]

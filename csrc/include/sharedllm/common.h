@@ -20,6 +20,15 @@
 #define SHAREDLLM_CPU_CLONES
 #endif
 
+// Forced inlining for the scalar helpers called from SHAREDLLM_CPU_CLONES loops: GCC does not
+// inline a plain `inline` function into a clone built for another ISA, and a call per element
+// stops the loop from vectorising.
+#if defined(__GNUC__) && !defined(__CUDACC__)
+#define SHAREDLLM_INLINE inline __attribute__((always_inline))
+#else
+#define SHAREDLLM_INLINE inline
+#endif
+
 namespace sharedllm {
 
 // IEEE binary16, layout-compatible with at::Half / __half.
@@ -31,20 +40,20 @@ struct bfloat16_t {
   uint16_t bits;
 };
 
-inline float bits_to_float(uint32_t u) {
+SHAREDLLM_INLINE float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
-inline uint32_t float_to_bits(float f) {
+SHAREDLLM_INLINE uint32_t float_to_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   return u;
 }
 
-inline float to_float(float x) { return x; }
-inline float to_float(bfloat16_t x) { return bits_to_float(static_cast<uint32_t>(x.bits) << 16); }
-inline float to_float(half_t x) {
+SHAREDLLM_INLINE float to_float(float x) { return x; }
+SHAREDLLM_INLINE float to_float(bfloat16_t x) { return bits_to_float(static_cast<uint32_t>(x.bits) << 16); }
+SHAREDLLM_INLINE float to_float(half_t x) {
   // exact binary16 -> binary32 conversion (normals, subnormals, inf, nan)
   const uint32_t sign = static_cast<uint32_t>(x.bits & 0x8000u) << 16;
   const uint32_t exp = (x.bits >> 10) & 0x1fu;
@@ -61,18 +70,18 @@ template <typename T>
 T from_float(float f);
 
 template <>
-inline float from_float<float>(float f) {
+SHAREDLLM_INLINE float from_float<float>(float f) {
   return f;
 }
 template <>
-inline bfloat16_t from_float<bfloat16_t>(float f) {
+SHAREDLLM_INLINE bfloat16_t from_float<bfloat16_t>(float f) {
   uint32_t u = float_to_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return bfloat16_t{static_cast<uint16_t>((u >> 16) | 0x40u)};  // quiet NaN
   u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
   return bfloat16_t{static_cast<uint16_t>(u >> 16)};
 }
 template <>
-inline half_t from_float<half_t>(float f) {
+SHAREDLLM_INLINE half_t from_float<half_t>(float f) {
   // binary32 -> binary16, round to nearest even, with overflow to inf and gradual underflow
   const uint32_t u = float_to_bits(f);
   const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
