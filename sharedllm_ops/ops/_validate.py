@@ -32,6 +32,14 @@ def check_same(t, ref, name: str, ref_name: str) -> None:
         raise ValueError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
 
 
+def check_devices(ref: torch.Tensor, **others) -> None:
+    """Every tensor in ``others`` (None allowed) lives on ``ref``'s device. Also run by the fake
+    kernels, where a tensor on the meta device would otherwise select them silently."""
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} must be on the device of the data ({ref.device}), got {t.device}")
+
+
 def check_index(t, name: str, shape: str, device: torch.device) -> None:
     check_tensor(t, name, shape, 1, (torch.int32,))
     if t.device != device:

@@ -40,10 +40,12 @@ if _ext.loaded:
 
     @torch.library.register_fake("sharedllm::chunk_pool")
     def _chunk_pool_fake(x, cu_seqlens, tokens_per_node, mode):
+        V.check_devices(x, cu_seqlens=cu_seqlens)
         return x.new_empty((cu_seqlens.shape[0] - 1) * tokens_per_node, x.shape[1], x.shape[2])
 
     @torch.library.register_fake("sharedllm::chunk_pool_backward")
     def _chunk_pool_backward_fake(grad_out, cu_seqlens, num_rows, tokens_per_node, mode):
+        V.check_devices(grad_out, cu_seqlens=cu_seqlens)
         return grad_out.new_empty(num_rows, grad_out.shape[1], grad_out.shape[2])
 
     def _chunk_pool_setup_context(ctx, inputs, output):

@@ -80,8 +80,9 @@ def cross_inject_attention(
         for t, name in ((rotary_cos, "rotary_cos"), (rotary_sin, "rotary_sin")):
             if not t.is_floating_point() or t.device != q.device:
                 raise ValueError(f"{name} must be a floating-point tensor on {q.device}, got {t.dtype} on {t.device}")
-        V.check_index(q_positions, "q_positions", f"[Nq={Nq}]", q.device)
-        V.check_index(k_positions, "k_positions", f"[Nk={Nk}]", q.device)
+        # shape strings stay constant: formatting Nq into them would specialise a dynamic size
+        V.check_index(q_positions, "q_positions", "[Nq]", q.device)
+        V.check_index(k_positions, "k_positions", "[Nk]", q.device)
         if q_positions.shape[0] != Nq or k_positions.shape[0] != Nk:
             raise ValueError(
                 f"q_positions and k_positions must have shapes [{Nq}] and [{Nk}], got "
@@ -136,13 +137,16 @@ if _ext.loaded:
 
     @torch.library.register_fake("sharedllm::cross_inject_attention")
     def _attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, q_positions, k_positions, cos, sin):
+        V.check_devices(q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                        q_positions=q_positions, k_positions=k_positions, rotary_cos=cos, rotary_sin=sin)
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
         lse = q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
         return out, lse
 
     @torch.library.register_fake("sharedllm::cross_inject_attention_backward")
     def _attention_backward_fake(grad_out, grad_lse, q, k, v, out, lse, *rest):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # the kernel returns contiguous gradients whatever the strides of q, k, v
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _attention_setup_context(ctx, inputs, output):
         q, k, v, cu_q, cu_k, scale, q_pos, k_pos, cos, sin = inputs

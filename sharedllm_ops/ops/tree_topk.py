@@ -77,6 +77,7 @@ if _ext.loaded:
 
     @torch.library.register_fake("sharedllm::tree_topk")
     def _tree_topk_fake(query, node_emb, depth, k, branching, score):
+        V.check_devices(query, node_emb=node_emb)
         B, C, T = node_emb.shape[0], node_emb.shape[1], node_emb.shape[2]
         P = num_preserved(depth, k, branching)
         return (

@@ -95,10 +95,14 @@ def merge_attention(
     """
     dtype = compute_dtype(out_a.dtype)
     lse_a, lse_b = lse_a.to(dtype), lse_b.to(dtype)
-    lse = torch.logaddexp(lse_a, lse_b)
-    # where both sides are empty, lse is -inf: weigh each side by 0 instead of exp(nan)
-    safe = torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)
-    w_a = torch.exp(lse_a - safe)[..., None]
-    w_b = torch.exp(lse_b - safe)[..., None]
-    out = w_a * out_a.to(dtype) + w_b * out_b.to(dtype)
+    # logaddexp by hand, so that rows where both sides are empty (-inf) give lse = -inf, out = 0
+    # and finite gradients (torch.logaddexp(-inf, -inf) has a NaN gradient)
+    shift = torch.maximum(lse_a, lse_b)
+    shift = torch.where(torch.isneginf(shift), torch.zeros_like(shift), shift)
+    w_a, w_b = torch.exp(lse_a - shift), torch.exp(lse_b - shift)
+    total = w_a + w_b
+    empty = total == 0
+    total = torch.where(empty, torch.ones_like(total), total)
+    lse = torch.where(empty, torch.full_like(total, float("-inf")), shift + torch.log(total))
+    out = (w_a[..., None] * out_a.to(dtype) + w_b[..., None] * out_b.to(dtype)) / total[..., None]
     return out.to(out_a.dtype), (lse if dtype == torch.float64 else lse.float())

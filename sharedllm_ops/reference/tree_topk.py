@@ -62,8 +62,10 @@ def tree_topk(
     """
     b = branching
     scores = node_scores(query, node_emb, score)
-    B, C, _ = scores.shape
-    flat = scores.reshape(B * C, -1)
+    B, C, T = scores.shape
+    if B * C == 0:
+        return torch.empty(B, C, num_preserved(depth, k, b), dtype=torch.int32, device=scores.device), scores
+    flat = scores.reshape(B * C, T)
 
     def leaf_start(level: int, idx: torch.Tensor) -> torch.Tensor:
         return idx * b ** (depth - level)

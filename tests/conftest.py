@@ -1,0 +1,154 @@
+"""Shared fixtures and helpers of the sharedllm_ops test suite."""
+
+import os
+
+# Future Triton kernels must run (interpreted) on machines without a GPU: set before any import.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import contextlib  # noqa: E402
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import sharedllm_ops  # noqa: E402,F401  (loads the extension before any test module)
+from sharedllm_ops import _ext  # noqa: E402
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+# Tolerances of a backend against the reference on the same inputs (both accumulate in float32;
+# 16-bit outputs differ by a rounding or two).
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+# Attention sums in another order (tiles, online softmax, exp2 polynomial).
+ATTN_TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=5e-5, rtol=1e-4),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+requires_ext = pytest.mark.skipif(
+    not _ext.loaded,
+    reason=f"the C++ extension sharedllm_ops._C is not built/loadable: {_ext.load_error}",
+)
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return DTYPE_IDS[dtype]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same seeds, so failures reproduce."""
+    torch.manual_seed(0)
+    random.seed(0)
+    yield
+
+
+# --------------------------------------------------------------------------------------------
+# construction helpers
+
+
+def cu_seqlens(lengths, device="cpu") -> torch.Tensor:
+    """int32 ``[S + 1]`` boundaries of segments of the given lengths."""
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + int(n))
+    return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+def rotary_tables(max_pos: int, dim: int, base: float = 10000.0, dtype=torch.float32):
+    """Hugging Face rotary tables ``cos, sin: [max_pos, dim]``:
+    ``inv_freq = 1 / base^(arange(0, dim, 2) / dim)``, ``emb = cat(t * inv_freq, t * inv_freq)``."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    t = torch.arange(max_pos, dtype=torch.float64)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def strided_like(shape, dtype, layout: str, pad: int = 8) -> torch.Tensor:
+    """A random ``[N, H, D]`` tensor with the given memory layout (last dim always contiguous).
+
+    ``contiguous``; ``padded``: rows and heads further apart than their sizes (a slice of a wider
+    tensor); ``transposed``: a dense tensor stored head-major ``[H, N, D]``."""
+    N, H, D = shape
+    if layout == "contiguous":
+        return torch.randn(N, H, D, dtype=dtype)
+    if layout == "padded":
+        return torch.randn(N, H + 1, D + pad, dtype=dtype)[:, 1:, :D]
+    if layout == "transposed":
+        return torch.randn(H, N, D, dtype=dtype).transpose(0, 1)
+    raise ValueError(layout)
+
+
+# --------------------------------------------------------------------------------------------
+# checking helpers
+
+
+def assert_close(actual, expected, tol=None, msg: str = "") -> None:
+    """Compare in float64 with a dtype-dependent tolerance (``tol`` a dict or taken from ``TOL``)."""
+    if tol is None:
+        tol = TOL[expected.dtype if expected.dtype in TOL else torch.float32]
+    assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    torch.testing.assert_close(actual.double(), expected.double(), equal_nan=False, msg=msg or None, **tol)
+
+
+def grad_tol(dtype, scale: float = 1.0) -> dict:
+    """Gradient tolerance: absolute part scaled by the gradient's magnitude."""
+    t = dict(ATTN_TOL[dtype])
+    t["atol"] = t["atol"] * max(1.0, scale)
+    return t
+
+
+def poison_allocator() -> None:
+    """Leave NaN-filled freed blocks of many sizes in the CPU allocator (malloc's free lists), so
+    that an output element a kernel forgets to write is likely to read back as NaN."""
+    sizes, n = [], 8.0
+    while n < 120_000:  # up to ~0.5 MB: larger blocks are mmap'd and go back to the OS when freed
+        sizes.append(int(n))
+        n *= 1.25
+    blocks = [torch.full((s,), float("nan")) for s in sizes]
+    del blocks
+
+
+@contextlib.contextmanager
+def nan_filled_empty():
+    """Make every ``torch.empty`` / ``at::empty`` (the kernels allocate their outputs with it)
+    return NaN-filled memory, so an output element a kernel never writes reads back as NaN."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = was_filling
+
+
+def run_twice(fn, *args, **kwargs):
+    """Run ``fn`` twice with poisoned outputs: once with NaN-filled ``at::empty`` results, once
+    after leaving NaN in the allocator's free lists. The kernels are deterministic, so the two
+    results must be bitwise equal and NaN-free (the inputs of the tests are finite)."""
+    with nan_filled_empty():
+        first = fn(*args, **kwargs)
+    poison_allocator()
+    second = fn(*args, **kwargs)
+    f_list = first if isinstance(first, (tuple, list)) else (first,)
+    s_list = second if isinstance(second, (tuple, list)) else (second,)
+    for a, b in zip(f_list, s_list):
+        # torch.equal is False wherever a NaN appears, so NaNs fail here too
+        assert torch.equal(a, b), "two runs on the same inputs differ or hold NaN (unwritten output memory?)"
+    return first
+
+
+def assert_finite(t: torch.Tensor, what: str = "output") -> None:
+    bad = (~torch.isfinite(t)).nonzero()
+    assert bad.numel() == 0, f"{what} has {bad.shape[0]} non-finite elements, first at {bad[:3].tolist()}"

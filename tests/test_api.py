@@ -1,0 +1,206 @@
+"""Public API: build_info, backend names, dispatch rules and the reference fallback (DESIGN 4)."""
+
+import re
+import warnings
+
+import pytest
+import torch
+from conftest import cu_seqlens, requires_ext, rotary_tables
+
+import sharedllm_ops as so
+from sharedllm_ops import _ext
+from sharedllm_ops.ops import _dispatch
+
+OPS = ("chunk_pool", "tree_topk", "cross_inject_attention")
+
+
+def _calls(backend):
+    """One small call per public op with the given backend, keyed by op name (same inputs every time)."""
+    torch.manual_seed(1)
+    x, cu = torch.randn(7, 2, 8), cu_seqlens([3, 0, 4])
+    query, emb = torch.randn(2, 8), torch.randn(2, 3, 6, 8)
+    q, k, v = torch.randn(5, 4, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    cq, ck = cu_seqlens([2, 3]), cu_seqlens([4, 2])
+    return {
+        "chunk_pool": lambda: so.chunk_pool(x, cu, 3, backend=backend),
+        "tree_topk": lambda: so.tree_topk(query, emb, 2, backend=backend),
+        "cross_inject_attention": lambda: so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend=backend),
+    }
+
+
+def _as_tuple(r):
+    return r if isinstance(r, tuple) else (r,)
+
+
+# --------------------------------------------------------------------------------------------
+# build_info
+
+
+def test_build_info_contents():
+    info = so.build_info()
+    expected_keys = {
+        "version", "torch", "extension_loaded", "extension_error", "compiled_torch", "compiled_cuda",
+        "compiled_archs", "compiler", "cuda_available", "kernels",
+    }
+    assert expected_keys <= set(info)
+    assert info["version"] == so.__version__
+    assert info["torch"] == torch.__version__
+    assert info["extension_loaded"] is _ext.loaded
+    assert info["extension_error"] == _ext.load_error
+    assert info["cuda_available"] is torch.cuda.is_available()
+    assert set(info["kernels"]) == set(OPS)
+    for op, kinds in info["kernels"].items():
+        assert set(kinds) == {"reference", "cpp", "cuda", "triton"}, op
+        assert kinds["reference"] is True
+        assert kinds["cpp"] == _ext.compiled_kernels[op]["cpu"]
+        if not torch.cuda.is_available():
+            assert kinds["cuda"] is False and kinds["triton"] is False, op
+
+
+@requires_ext
+def test_build_info_of_the_loaded_extension():
+    info = so.build_info()
+    assert info["extension_error"] is None
+    # built against this very torch (the ABI is not stable across versions)
+    assert info["compiled_torch"] == torch.__version__.split("+")[0]
+    assert info["compiler"]
+    if info["compiled_cuda"] is not None:
+        assert re.fullmatch(r"\d+\.\d+", info["compiled_cuda"])
+        assert info["compiled_archs"]
+    else:
+        assert info["compiled_archs"] is None
+    for op in OPS:
+        assert info["kernels"][op]["cpp"] is True
+
+
+@requires_ext
+def test_ops_are_registered_with_fake_and_autograd():
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    for op in ("chunk_pool", "chunk_pool_backward", "tree_topk", "cross_inject_attention", "cross_inject_attention_backward"):
+        assert has(f"sharedllm::{op}", "CPU"), op
+        assert has(f"sharedllm::{op}", "Meta"), f"{op} has no fake/meta kernel"
+    for op in ("chunk_pool", "cross_inject_attention"):
+        assert has(f"sharedllm::{op}", "Autograd"), f"{op} has no registered autograd"
+
+
+def test_public_exports():
+    assert so.BACKENDS == ("auto", "reference", "cpp", "cuda", "triton")
+    for name in so.__all__:
+        assert hasattr(so, name), name
+
+
+# --------------------------------------------------------------------------------------------
+# backend names and dispatch rules
+
+
+@pytest.mark.parametrize("backend", ["gpu", "torch", "Auto", "", None, 1])
+def test_resolve_backend_rejects_unknown_names(backend):
+    with pytest.raises(ValueError, match=r"backend must be one of .*auto.*reference.*cpp.*cuda.*triton"):
+        _dispatch.resolve_backend("chunk_pool", backend, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_public_ops_reject_unknown_backend(op):
+    with pytest.raises(ValueError, match="backend"):
+        _calls("nope")[op]()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_backend_on_cpu_tensors_is_a_value_error(op):
+    with pytest.raises(ValueError, match=r"backend='cuda'.*CUDA tensors.*cpu"):
+        _calls("cuda")[op]()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_triton_backend_unavailable_names_the_op(op):
+    with pytest.raises(RuntimeError, match=rf"backend='triton'.*{op}"):
+        _calls("triton")[op]()
+
+
+@requires_ext
+@pytest.mark.parametrize("op", OPS)
+def test_auto_on_cpu_picks_cpp_without_warning(op, monkeypatch):
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _dispatch.resolve_backend(op, "auto", torch.device("cpu")) == "cpp"
+        auto = _as_tuple(_calls("auto")[op]())
+    cpp = _as_tuple(_calls("cpp")[op]())
+    for a, b in zip(auto, cpp):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_reference_backend_never_warns(op):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _calls("reference")[op]()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_auto_falls_back_to_reference_with_one_warning(op, monkeypatch):
+    """Without a compiled kernel, auto uses the reference and warns once per op."""
+    monkeypatch.setattr(_ext, "compiled_kernels", {o: {"cpu": False, "cuda": False} for o in OPS})
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    call = _calls("auto")[op]
+    with pytest.warns(RuntimeWarning, match=rf"sharedllm_ops\.{op}: .*reference") as record:
+        got = _as_tuple(call())
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    ref = _as_tuple(_calls("reference")[op]())
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call is silent
+        call()
+        call()
+    # the other ops warn for themselves
+    for other in OPS:
+        if other != op:
+            with pytest.warns(RuntimeWarning, match=rf"sharedllm_ops\.{other}"):
+                _calls("auto")[other]()
+    # build_info reflects what is there
+    assert so.build_info()["kernels"][op]["cpp"] is False
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_explicit_cpp_without_kernel_raises(op, monkeypatch):
+    monkeypatch.setattr(_ext, "compiled_kernels", {o: {"cpu": False, "cuda": False} for o in OPS})
+    with pytest.raises(RuntimeError, match=r"backend='cpp' is not available"):
+        _calls("cpp")[op]()
+
+
+def test_fallback_warning_says_why_when_extension_missing(monkeypatch):
+    monkeypatch.setattr(_ext, "compiled_kernels", {o: {"cpu": False, "cuda": False} for o in OPS})
+    monkeypatch.setattr(_ext, "loaded", False)
+    monkeypatch.setattr(_ext, "load_error", "ImportError: simulated")
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    with pytest.warns(RuntimeWarning, match=r"not loaded.*simulated"):
+        _calls("auto")["chunk_pool"]()
+    with pytest.raises(RuntimeError, match=r"not loaded.*simulated"):
+        _calls("cpp")["chunk_pool"]()
+    info = so.build_info()
+    assert info["extension_loaded"] is False and info["extension_error"] == "ImportError: simulated"
+
+
+def test_auto_on_other_device_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    with pytest.warns(RuntimeWarning, match=r"no kernel for device type 'meta'"):
+        assert _dispatch.resolve_backend("chunk_pool", "auto", torch.device("meta")) == "reference"
+
+
+@requires_ext
+def test_cpp_backend_rejects_non_cpu_device():
+    with pytest.raises(ValueError, match=r"backend='cpp' runs on CPU tensors"):
+        _dispatch.resolve_backend("chunk_pool", "cpp", torch.device("meta"))
+
+
+@requires_ext
+def test_public_cpp_rotary_call_works_end_to_end():
+    """A smoke test of the full argument surface through the public function."""
+    cos, sin = rotary_tables(8, 8)
+    q, k, v = torch.randn(5, 4, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    out, lse = so.cross_inject_attention(
+        q, k, v, cu_seqlens([2, 3]), cu_seqlens([4, 2]), 0.3,
+        torch.arange(5, dtype=torch.int32), torch.arange(6, dtype=torch.int32), cos, sin, return_lse=True, backend="cpp",
+    )
+    assert out.shape == (5, 4, 8) and lse.shape == (5, 4) and torch.isfinite(out).all()
