@@ -37,7 +37,10 @@ def _extensions():
     sources = [s for s in rel("python/*.cpp") if not s.endswith("_cuda.cpp")] + rel("csrc/cpu/*.cpp")
     torch_version = torch.__version__.split("+")[0]
     macros = [("SHAREDLLM_TORCH_VERSION", f'"{torch_version}"')]
-    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
+    # -fopenmp: at::parallel_for is a header template that only runs in parallel when the
+    # including file is compiled with OpenMP (it then shares torch's libgomp)
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
+    link_flags = ["-fopenmp"]
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", f"--threads={os.environ.get('NVCC_THREADS', '2')}"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if with_cuda:
@@ -50,6 +53,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
     else:
         ext = cpp_extension.CppExtension(
@@ -58,6 +62,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     print(f"sharedllm_ops: building {'CUDA' if with_cuda else 'CPU-only'} extension from {len(sources)} sources")
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
