@@ -25,6 +25,8 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function
   });
 }
 
+int64_t num_threads() { return at::get_num_threads(); }
+
 void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
               const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;

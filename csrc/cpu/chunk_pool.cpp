@@ -7,13 +7,16 @@
 #include <vector>
 
 #include "sharedllm/cpu_runtime.h"
+#include "sharedllm/cpu_vec.h"
 
 namespace sharedllm::cpu {
 namespace {
 
 template <typename T>
 SHAREDLLM_CPU_CLONES void accumulate_row(float* acc, const T* row, int64_t n, float weight) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += weight * to_float(row[i]);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store8(acc + i, load8(acc + i) + weight * load8(row + i));
+  for (; i < n; ++i) acc[i] += weight * to_float(row[i]);
 }
 
 template <typename T>

@@ -9,65 +9,69 @@
 #include "sharedllm/cross_inject_attention.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "sharedllm/cpu_runtime.h"
+#include "sharedllm/cpu_vec.h"
 
 namespace sharedllm::cpu {
 namespace {
 
 constexpr int64_t kTileRows = 256;  // target (query head x query) rows per tile
-constexpr int64_t kKeyBlock = 256;  // keys per block
+constexpr int64_t kKeyBlock = 512;  // keys per block
+constexpr int64_t kMaxTilesPerTask = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// 2^x for x <= 0 with ~1e-7 relative error, written so that loops over it vectorise.
-SHAREDLLM_INLINE float exp2_nonpositive(float x) {
-  const float clamped = x < -127.0f ? -127.0f : x;
-  const float whole = (clamped + 12582912.0f) - 12582912.0f;  // round to nearest integer
-  const float f = clamped - whole;                             // in [-0.5, 0.5]
-  float p = 1.525273380405984e-05f;
-  p = p * f + 1.5403530393381606e-04f;
+// 2^x for x <= 0 (and small positive x) with ~2e-7 relative error: x = n + f, |f| <= 1/2, 2^f by
+// its degree-6 Taylor polynomial, 2^n added to the exponent bits. Underflows to exactly 0.
+SHAREDLLM_INLINE vec8 exp2_nonpositive(vec8 x) {
+  const vec8 clamped = x < -127.0f ? splat8(-127.0f) : x;
+  const vec8 whole = (clamped + 12582912.0f) - 12582912.0f;  // round to nearest integer
+  const vec8 f = clamped - whole;
+  vec8 p = splat8(1.5403530393381606e-04f);
   p = p * f + 1.3333558146428443e-03f;
   p = p * f + 9.618129107628477e-03f;
   p = p * f + 5.550410866482158e-02f;
   p = p * f + 2.402265069591007e-01f;
   p = p * f + 6.931471805599453e-01f;
   p = p * f + 1.0f;
-  const int32_t n = static_cast<int32_t>(whole);
-  const float scaled = bits_to_float(float_to_bits(p) + (static_cast<uint32_t>(n) << 23));
-  return clamped < -126.0f ? 0.0f : scaled;
+  const ivec8 n = __builtin_convertvector(whole, ivec8);
+  const vec8 scaled = reinterpret_cast<vec8>(reinterpret_cast<ivec8>(p) + (n << 23));
+  return clamped < -126.0f ? splat8(0.0f) : scaled;
+}
+
+SHAREDLLM_INLINE float exp2_nonpositive(float x) {
+  return exp2_nonpositive(splat8(x))[0];
 }
 
 SHAREDLLM_CPU_CLONES float row_max(const float* s, int64_t n) {
-  constexpr int kLanes = 8;
-  float m[kLanes];
-  for (int t = 0; t < kLanes; ++t) m[t] = -std::numeric_limits<float>::infinity();
+  vec8 m = splat8(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int t = 0; t < kLanes; ++t) m[t] = s[j + t] > m[t] ? s[j + t] : m[t];
-  float best = -std::numeric_limits<float>::infinity();
-  for (int t = 0; t < kLanes; ++t) best = m[t] > best ? m[t] : best;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vec8 x = load8(s + j);
+    m = x > m ? x : m;
+  }
+  float best = horizontal_max(m);
   for (; j < n; ++j) best = s[j] > best ? s[j] : best;
   return best;
 }
 
 // s <- 2^(s - shift) in place; returns the sum.
 SHAREDLLM_CPU_CLONES float exp2_shifted_sum(float* s, int64_t n, float shift) {
-  constexpr int kLanes = 8;
-  float acc[kLanes] = {};
+  vec8 acc = splat8(0.0f);
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int t = 0; t < kLanes; ++t) {
-      const float e = exp2_nonpositive(s[j + t] - shift);
-      s[j + t] = e;
-      acc[t] += e;
-    }
-  float total = 0.0f;
-  for (int t = 0; t < kLanes; ++t) total += acc[t];
+  for (; j + kLanes <= n; j += kLanes) {
+    const vec8 e = exp2_nonpositive(load8(s + j) - shift);
+    store8(s + j, e);
+    acc += e;
+  }
+  float total = horizontal_sum(acc);
   for (; j < n; ++j) {
     s[j] = exp2_nonpositive(s[j] - shift);
     total += s[j];
@@ -86,7 +90,9 @@ SHAREDLLM_CPU_CLONES void scale_row(float* x, int64_t n, float a) {
 
 template <typename T>
 SHAREDLLM_CPU_CLONES void convert_row(float* dst, const T* src, int64_t n, float scale) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = to_float(src[j]) * scale;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) store8(dst + j, load8(src + j) * scale);
+  for (; j < n; ++j) dst[j] = to_float(src[j]) * scale;
 }
 
 template <typename T>
@@ -161,46 +167,67 @@ void cross_inject_attention_forward(const AttentionForwardParams& p) {
   T* out = static_cast<T*>(p.out);
   const int64_t G = p.num_q_heads / p.num_kv_heads, D = p.head_dim, Dv = p.v_dim, Hq = p.num_q_heads;
   const int64_t block_q = query_block_size(G);
-  const std::vector<Tile> tiles = make_tiles(p.cu_seqlens_q, p.batch, p.num_kv_heads, block_q);
+  const int64_t rows_max = G * block_q;
   const float score_scale = p.softmax_scale * kLog2e;  // scores in log2 units, for exp2
 
-  parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
-    const int64_t rows_max = G * block_q;
-    std::vector<float> qs(rows_max * D), s(rows_max * kKeyBlock), o(rows_max * Dv);
-    std::vector<float> m(rows_max), l(rows_max), ks(kKeyBlock * D), vs(kKeyBlock * Dv);
+  // A task runs up to kMaxTilesPerTask query tiles of one (sequence, kv head) side by side, so
+  // that each key block is converted and rotated once for all of them; fewer when that would
+  // leave threads without work.
+  int64_t num_tiles = 0;
+  for (int64_t b = 0; b < p.batch; ++b)
+    num_tiles += (p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b] + block_q - 1) / block_q * p.num_kv_heads;
+  const int64_t tiles_per_task = std::clamp<int64_t>(num_tiles / (4 * num_threads()), 1, kMaxTilesPerTask);
+  const std::vector<Tile> tasks = make_tiles(p.cu_seqlens_q, p.batch, p.num_kv_heads, block_q * tiles_per_task);
+
+  parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    const int64_t super_rows = rows_max * tiles_per_task;
+    std::vector<float> qs(super_rows * D), o(super_rows * Dv), m(super_rows), l(super_rows);
+    std::vector<float> s(rows_max * kKeyBlock), ks(kKeyBlock * D), vs(kKeyBlock * Dv);
+    std::vector<Tile> tiles;
     for (int64_t ti = begin; ti < end; ++ti) {
-      const Tile& t = tiles[ti];
-      const int64_t rows = G * t.len;
-      load_query_tile(qs.data(), p, q, t, G, score_scale);
-      std::fill(o.begin(), o.begin() + rows * Dv, 0.0f);
-      std::fill(m.begin(), m.begin() + rows, -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.begin() + rows, 0.0f);
-      const int64_t k_begin = p.cu_seqlens_k[t.batch], k_end = p.cu_seqlens_k[t.batch + 1];
+      const Tile& task = tasks[ti];
+      tiles.clear();
+      for (int64_t start = task.start; start < task.start + task.len; start += block_q)
+        tiles.push_back({task.batch, task.kv_head, start, std::min(block_q, task.start + task.len - start)});
+      for (size_t j = 0; j < tiles.size(); ++j) load_query_tile(qs.data() + j * rows_max * D, p, q, tiles[j], G, score_scale);
+      std::fill(o.begin(), o.end(), 0.0f);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.0f);
+      const int64_t k_begin = p.cu_seqlens_k[task.batch], k_end = p.cu_seqlens_k[task.batch + 1];
       for (int64_t kb = k_begin; kb < k_end; kb += kKeyBlock) {
         const int64_t nb = std::min(kKeyBlock, k_end - kb);
         int64_t ldk, ldv;
-        const float* kblk = key_block(ks.data(), &ldk, k + t.kv_head * p.k_head_stride, p.k_row_stride, kb, nb, D,
+        const float* kblk = key_block(ks.data(), &ldk, k + task.kv_head * p.k_head_stride, p.k_row_stride, kb, nb, D,
                                       p.rotary.k_positions, p.rotary);
-        const float* vblk = key_block(vs.data(), &ldv, v + t.kv_head * p.v_head_stride, p.v_row_stride, kb, nb, Dv,
-                                      nullptr, RotaryParams{});
-        gemm_f32(false, true, rows, nb, D, 1.0f, qs.data(), D, kblk, ldk, 0.0f, s.data(), nb);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* srow = s.data() + r * nb;
-          const float m_new = std::max(m[r], row_max(srow, nb));
-          const float alpha = exp2_nonpositive(m[r] - m_new);  // 0 on the first block
-          l[r] = l[r] * alpha + exp2_shifted_sum(srow, nb, m_new);
-          m[r] = m_new;
-          if (alpha != 1.0f) scale_row(o.data() + r * Dv, Dv, alpha);
+        const float* vblk = key_block(vs.data(), &ldv, v + task.kv_head * p.v_head_stride, p.v_row_stride, kb, nb,
+                                      Dv, nullptr, RotaryParams{});
+        for (size_t j = 0; j < tiles.size(); ++j) {
+          const int64_t rows = G * tiles[j].len;
+          float* oj = o.data() + j * rows_max * Dv;
+          float* mj = m.data() + j * rows_max;
+          float* lj = l.data() + j * rows_max;
+          gemm_f32(false, true, rows, nb, D, 1.0f, qs.data() + j * rows_max * D, D, kblk, ldk, 0.0f, s.data(), nb);
+          for (int64_t r = 0; r < rows; ++r) {
+            float* srow = s.data() + r * nb;
+            const float m_new = std::max(mj[r], row_max(srow, nb));
+            const float alpha = exp2_nonpositive(mj[r] - m_new);  // 0 on the first block
+            lj[r] = lj[r] * alpha + exp2_shifted_sum(srow, nb, m_new);
+            mj[r] = m_new;
+            if (alpha != 1.0f) scale_row(oj + r * Dv, Dv, alpha);
+          }
+          gemm_f32(false, false, rows, Dv, nb, 1.0f, s.data(), nb, vblk, ldv, 1.0f, oj, Dv);
         }
-        gemm_f32(false, false, rows, Dv, nb, 1.0f, s.data(), nb, vblk, ldv, 1.0f, o.data(), Dv);
       }
-      for (int64_t gi = 0; gi < G; ++gi) {
-        const int64_t h = t.kv_head * G + gi;
-        for (int64_t i = 0; i < t.len; ++i) {
-          const int64_t r = gi * t.len + i, qi = t.start + i;
-          const bool empty = l[r] == 0.0f;  // no keys in this sequence
-          store_row(out + (qi * Hq + h) * Dv, o.data() + r * Dv, Dv, empty ? 0.0f : 1.0f / l[r]);
-          p.lse[qi * Hq + h] = empty ? -std::numeric_limits<float>::infinity() : (m[r] + std::log2(l[r])) * kLn2;
+      for (size_t j = 0; j < tiles.size(); ++j) {
+        const Tile& t = tiles[j];
+        for (int64_t gi = 0; gi < G; ++gi) {
+          const int64_t h = t.kv_head * G + gi;
+          for (int64_t i = 0; i < t.len; ++i) {
+            const int64_t r = j * rows_max + gi * t.len + i, qi = t.start + i;
+            const bool empty = l[r] == 0.0f;  // no keys in this sequence
+            store_row(out + (qi * Hq + h) * Dv, o.data() + r * Dv, Dv, empty ? 0.0f : 1.0f / l[r]);
+            p.lse[qi * Hq + h] = empty ? -std::numeric_limits<float>::infinity() : (m[r] + std::log2(l[r])) * kLn2;
+          }
         }
       }
     }

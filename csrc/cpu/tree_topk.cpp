@@ -9,32 +9,25 @@
 #include <vector>
 
 #include "sharedllm/cpu_runtime.h"
+#include "sharedllm/cpu_vec.h"
 
 namespace sharedllm::cpu {
 namespace {
 
-constexpr int kLanes = 16;  // independent partial sums, so the loop vectorises without -ffast-math
-
 template <typename T>
 SHAREDLLM_CPU_CLONES void dot_and_sqnorm(const T* e, const float* q, int64_t n, float* dot, float* sqnorm) {
-  float d[kLanes] = {}, s[kLanes] = {};
+  vec8 d = splat8(0.0f), s = splat8(0.0f);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int t = 0; t < kLanes; ++t) {
-      const float v = to_float(e[i + t]);
-      d[t] += v * q[i + t];
-      s[t] += v * v;
-    }
+    const vec8 v = load8(e + i);
+    d += v * load8(q + i);
+    s += v * v;
   }
+  float dd = horizontal_sum(d), ss = horizontal_sum(s);
   for (; i < n; ++i) {
     const float v = to_float(e[i]);
-    d[0] += v * q[i];
-    s[0] += v * v;
-  }
-  float dd = 0.0f, ss = 0.0f;
-  for (int t = 0; t < kLanes; ++t) {
-    dd += d[t];
-    ss += s[t];
+    dd += v * q[i];
+    ss += v * v;
   }
   *dot = dd;
   *sqnorm = ss;

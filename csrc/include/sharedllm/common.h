@@ -12,10 +12,12 @@
 #define SHAREDLLM_HOST_DEVICE
 #endif
 
-// Hot CPU loops are compiled twice, for AVX2+FMA and for the baseline ISA, and picked at load
-// time, so one wheel is fast on modern x86 and still runs everywhere.
+// Hot CPU loops are compiled twice, for AVX2 and for the baseline ISA, and picked at load time by
+// CPU feature, so one wheel is fast on modern x86 and still runs everywhere. (Not "arch=haswell"
+// or "arch=x86-64-v3": those resolve by CPU model or full ISA level and miss many AMD and
+// virtualised CPUs. FMA cannot be requested together with AVX2 in one clone.)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
-#define SHAREDLLM_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define SHAREDLLM_CPU_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define SHAREDLLM_CPU_CLONES
 #endif

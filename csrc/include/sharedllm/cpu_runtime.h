@@ -12,6 +12,9 @@ namespace sharedllm::cpu {
 // sub-range worth a task.
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
+// Number of threads parallel_for may use.
+int64_t num_threads();
+
 // Row-major C[m, n] = alpha * op(A)[m, k] * op(B)[k, n] + beta * C, with op = transpose when the
 // flag is set. lda/ldb/ldc are row strides in elements of the matrices as stored.
 void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,

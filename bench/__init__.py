@@ -1,0 +1,1 @@
+"""Benchmark suites (pytest-benchmark); a package so that the suites can import the builders of conftest.py."""
