@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import sharedllm_ops as so
+from sharedllm_ops.workloads import chunk_pool_input, paper_tree_lengths
 
-from .conftest import chunk_pool_input, dtype_name, paper_tree_lengths
+from .conftest import dtype_name
 
 NUM_CHUNKS, CHUNK_SIZE, HEADS, HEAD_DIM, TOKENS_PER_NODE = 16, 1024, 8, 128, 32
 LAYOUTS = {

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import sharedllm_ops as so
+from sharedllm_ops.workloads import AttentionInputs, attention_inputs, sdpa_attention
 
-from .conftest import AttentionInputs, attention_inputs, dtype_name, sdpa_attention
+from .conftest import dtype_name
 
 HEADLINE = dict(q_lens=[4096], k_lens=[16384])
 SMALL = dict(q_lens=[512], k_lens=[4096])
@@ -26,9 +27,7 @@ def forward_fn(backend: str, inp: AttentionInputs):
     """A no-argument forward of ``backend`` (``reference``, ``cpp`` or ``torch_sdpa``) on ``inp``."""
     if backend == "torch_sdpa":
         return lambda: sdpa_attention(inp)
-    return lambda: so.cross_inject_attention(
-        inp.q, inp.k, inp.v, inp.cu_q, inp.cu_k, None, inp.q_pos, inp.k_pos, inp.cos, inp.sin, backend=backend
-    )
+    return lambda: inp.run(backend)
 
 
 def info(inp: AttentionInputs, pass_: str, flops: float) -> dict:

@@ -8,8 +8,9 @@ import torch
 
 import sharedllm_ops as so
 from sharedllm_ops.reference import num_tree_nodes
+from sharedllm_ops.workloads import tree_topk_input
 
-from .conftest import dtype_name, tree_topk_input
+from .conftest import dtype_name
 
 DEPTH, BRANCHING = 3, 2
 NODES = num_tree_nodes(DEPTH, BRANCHING)

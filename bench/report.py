@@ -15,15 +15,9 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from sharedllm_ops.workloads import format_seconds
+
 PEER_COLUMNS = (("reference", "vs reference"), ("torch_sdpa", "vs torch peer"))
-
-
-def format_seconds(seconds: float) -> str:
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.1f} us"
-    if seconds < 1.0:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds:.3f} s"
 
 
 def throughput(info: dict, seconds: float) -> str:
@@ -57,7 +51,7 @@ def table_rows(data: dict) -> list[list[str]]:
                 shape,
                 info.get("dtype", ""),
                 backend,
-                format_seconds(median),
+                format_seconds(median, decimals_s=3),
                 throughput(info, median),
                 *speedups,
             ]

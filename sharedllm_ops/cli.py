@@ -14,15 +14,22 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 import sharedllm_ops as so
 
-from .reference import apply_rotary, num_tree_nodes
+from .reference import num_tree_nodes
+from .workloads import (
+    attention_inputs,
+    chunk_pool_input,
+    format_seconds,
+    paper_tree_lengths,
+    sdpa_attention,
+    tree_topk_input,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Largest max-abs error against the reference the demo accepts. float32 results differ from the
@@ -109,7 +116,7 @@ class DemoShapes:
 
 # Realistic, and under a minute on 2 CPU cores (the reference attention dominates).
 FULL_SHAPES = DemoShapes(
-    pool_lengths=(512, 256, 128, 128) * 16,  # 16 chunks of 1024 tokens, the paper's 4 preserved nodes each
+    pool_lengths=tuple(paper_tree_lengths(16)),  # 16 chunks of 1024 tokens, the paper's 4 preserved nodes each
     pool_heads=8,
     pool_head_dim=128,
     tokens_per_node=32,
@@ -139,95 +146,6 @@ QUICK_SHAPES = DemoShapes(
     head_dim=16,
     keys_per_chunk=8,
 )
-
-
-def cu_seqlens(lengths, device) -> torch.Tensor:
-    """int32 ``[S + 1]`` boundaries of packed segments of the given lengths."""
-    bounds = [0]
-    for length in lengths:
-        bounds.append(bounds[-1] + int(length))
-    return torch.tensor(bounds, dtype=torch.int32, device=device)
-
-
-def rotary_tables(max_positions: int, head_dim: int, device, base: float = 10000.0):
-    """Hugging Face Llama rotary tables ``cos, sin: float32 [max_positions, head_dim]`` (rotate_half layout)."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
-    emb = torch.cat((angles, angles), dim=-1)
-    return emb.cos().float().to(device), emb.sin().float().to(device)
-
-
-@dataclass(frozen=True)
-class AttentionInputs:
-    """Packed ``cross_inject_attention`` inputs with the paper's positions (Eq. 2): a key of context
-    chunk ``i`` has rotary position ``i``, every query the number of chunks."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    cu_q: torch.Tensor
-    cu_k: torch.Tensor
-    q_pos: torch.Tensor
-    k_pos: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    q_bounds: tuple[int, ...]  # cu_q and cu_k as Python ints, for per-sequence loops
-    k_bounds: tuple[int, ...]
-
-    def run(self, backend: str, return_lse: bool = False):
-        return so.cross_inject_attention(
-            self.q, self.k, self.v, self.cu_q, self.cu_k, None, self.q_pos, self.k_pos, self.cos, self.sin,
-            return_lse=return_lse, backend=backend,
-        )  # fmt: skip
-
-    def split_keys(self) -> tuple[AttentionInputs, AttentionInputs]:
-        """The same queries against the first and the second half of each sequence's keys."""
-        halves = []
-        for part in (0, 1):
-            index, lengths = [], []
-            for lo, hi in zip(self.k_bounds[:-1], self.k_bounds[1:]):
-                mid = (lo + hi) // 2
-                start, end = (lo, mid) if part == 0 else (mid, hi)
-                index.append(torch.arange(start, end))
-                lengths.append(end - start)
-            index = torch.cat(index).to(self.k.device)
-            cu_k = cu_seqlens(lengths, self.k.device)
-            k, v, k_pos = self.k[index], self.v[index], self.k_pos[index]
-            halves.append(replace(self, k=k, v=v, k_pos=k_pos, cu_k=cu_k, k_bounds=tuple(cu_k.tolist())))
-        return halves[0], halves[1]
-
-
-def attention_inputs(shapes: DemoShapes, device, dtype) -> AttentionInputs:
-    """Random q/k/v of ``shapes`` (one key per pooled context token) with the chunk positions."""
-    gen = torch.Generator().manual_seed(0)
-    nq, nk = sum(shapes.q_lens), sum(shapes.k_lens)
-    q = torch.randn(nq, shapes.q_heads, shapes.head_dim, generator=gen)
-    k = torch.randn(nk, shapes.kv_heads, shapes.head_dim, generator=gen)
-    v = torch.randn(nk, shapes.kv_heads, shapes.head_dim, generator=gen)
-    num_chunks = [math.ceil(length / shapes.keys_per_chunk) for length in shapes.k_lens]
-    q_pos = torch.cat([torch.full((lq,), n, dtype=torch.int32) for lq, n in zip(shapes.q_lens, num_chunks)])
-    k_pos = torch.cat([(torch.arange(lk) // shapes.keys_per_chunk).int() for lk in shapes.k_lens])
-    cos, sin = rotary_tables(max(64, max(num_chunks) + 1), shapes.head_dim, device)
-    cu_q, cu_k = cu_seqlens(shapes.q_lens, device), cu_seqlens(shapes.k_lens, device)
-    return AttentionInputs(
-        q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), cu_q, cu_k, q_pos.to(device), k_pos.to(device),
-        cos, sin, tuple(cu_q.tolist()), tuple(cu_k.tolist()),
-    )  # fmt: skip
-
-
-def sdpa_attention(inp: AttentionInputs) -> torch.Tensor:
-    """The torch peer: rotary in PyTorch, then ``scaled_dot_product_attention`` (GQA) per sequence."""
-    q = apply_rotary(inp.q, inp.q_pos, inp.cos, inp.sin).to(inp.q.dtype)
-    k = apply_rotary(inp.k, inp.k_pos, inp.cos, inp.sin).to(inp.k.dtype)
-    outs = []
-    for b in range(len(inp.q_bounds) - 1):
-        qs = slice(inp.q_bounds[b], inp.q_bounds[b + 1])
-        ks = slice(inp.k_bounds[b], inp.k_bounds[b + 1])
-        out = F.scaled_dot_product_attention(  # [L, H, D] -> [1, H, L, D]
-            q[qs].transpose(0, 1)[None], k[ks].transpose(0, 1)[None], inp.v[ks].transpose(0, 1)[None], enable_gqa=True
-        )
-        outs.append(out[0].transpose(0, 1))
-    return torch.cat(outs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,8 +201,7 @@ def demo_cases(shapes: DemoShapes, device: torch.device, dtype: torch.dtype) -> 
     gen = torch.Generator().manual_seed(0)
     cases = []
 
-    x = torch.randn(sum(shapes.pool_lengths), shapes.pool_heads, shapes.pool_head_dim, generator=gen).to(device, dtype)
-    cu = cu_seqlens(shapes.pool_lengths, device)
+    x, cu = chunk_pool_input(shapes.pool_lengths, shapes.pool_heads, shapes.pool_head_dim, dtype, device, generator=gen)
     cases.append(
         DemoCase(
             "chunk_pool",
@@ -296,9 +213,9 @@ def demo_cases(shapes: DemoShapes, device: torch.device, dtype: torch.dtype) -> 
     )
 
     nodes = num_tree_nodes(TREE_DEPTH, TREE_BRANCHING)
-    query = torch.randn(shapes.tree_batch, shapes.tree_dim, generator=gen).to(device, dtype)
-    node_emb = torch.randn(shapes.tree_batch, shapes.tree_chunks, nodes, shapes.tree_dim, generator=gen)
-    node_emb = node_emb.to(device, dtype)
+    query, node_emb = tree_topk_input(
+        shapes.tree_batch, shapes.tree_chunks, nodes, shapes.tree_dim, dtype, device, generator=gen
+    )
     cases.append(
         DemoCase(
             "tree_topk",
@@ -310,7 +227,10 @@ def demo_cases(shapes: DemoShapes, device: torch.device, dtype: torch.dtype) -> 
         )
     )
 
-    attn = attention_inputs(shapes, device, dtype)
+    attn = attention_inputs(
+        shapes.q_lens, shapes.k_lens, shapes.q_heads, shapes.kv_heads, shapes.head_dim, shapes.keys_per_chunk,
+        dtype=dtype, device=device,
+    )  # fmt: skip
     (nq, hq, d), (nk, hk, _) = attn.q.shape, attn.k.shape
     attn_shape = f"B={len(shapes.q_lens)} q {nq}x{hq}x{d} k/v {nk}x{hk}x{d}, rotary"
     attention_backends = available_backends("cross_inject_attention", device)
@@ -418,14 +338,6 @@ def run_demo_command(args) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # formatting
-
-
-def format_seconds(seconds: float) -> str:
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.1f} us"
-    if seconds < 1.0:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds:.2f} s"
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:

@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 import sharedllm_ops  # noqa: E402,F401  (loads the extension before any test module)
 from sharedllm_ops import _ext  # noqa: E402
+from sharedllm_ops.workloads import cu_seqlens, rotary_tables  # noqa: E402,F401  (imported by the tests)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
@@ -53,24 +54,6 @@ def _seed():
 
 # --------------------------------------------------------------------------------------------
 # construction helpers
-
-
-def cu_seqlens(lengths, device="cpu") -> torch.Tensor:
-    """int32 ``[S + 1]`` boundaries of segments of the given lengths."""
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + int(n))
-    return torch.tensor(out, dtype=torch.int32, device=device)
-
-
-def rotary_tables(max_pos: int, dim: int, base: float = 10000.0, dtype=torch.float32):
-    """Hugging Face rotary tables ``cos, sin: [max_pos, dim]``:
-    ``inv_freq = 1 / base^(arange(0, dim, 2) / dim)``, ``emb = cat(t * inv_freq, t * inv_freq)``."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    t = torch.arange(max_pos, dtype=torch.float64)
-    freqs = torch.outer(t, inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def strided_like(shape, dtype, layout: str, pad: int = 8) -> torch.Tensor:

@@ -204,3 +204,49 @@ def test_public_cpp_rotary_call_works_end_to_end():
         torch.arange(5, dtype=torch.int32), torch.arange(6, dtype=torch.int32), cos, sin, return_lse=True, backend="cpp",
     )
     assert out.shape == (5, 4, 8) and lse.shape == (5, 4) and torch.isfinite(out).all()
+
+
+def test_package_imports_without_the_extension():
+    """A missing or broken extension costs one clear warning at import; the reference backend still
+    runs, and auto falls back to it (with its own warning) instead of failing."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import importlib.abc, sys, warnings
+
+        class HideExtension(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "sharedllm_ops._C":
+                    raise ImportError("simulated: extension not built")
+                return None
+
+        sys.meta_path.insert(0, HideExtension())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import sharedllm_ops as so
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(messages) == 1 and "sharedllm_ops._C" in messages[0] and "simulated" in messages[0], messages
+        assert not so.build_info()["extension_loaded"]
+        import torch
+        x = torch.randn(10, 2, 4)
+        cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+        ref = so.chunk_pool(x, cu, 2, backend="reference")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            auto = so.chunk_pool(x, cu, 2)
+        assert torch.equal(auto, ref)
+        assert any("reference" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        try:
+            so.chunk_pool(x, cu, 2, backend="cpp")
+        except RuntimeError as exc:
+            assert "not loaded" in str(exc), exc
+        else:
+            raise AssertionError("backend='cpp' without the extension must raise")
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
