@@ -1,6 +1,6 @@
-// CPU kernel for tree_topk. Phase 1 scores all B*C*T nodes in parallel (dot product and squared
-// norm in one pass over each embedding); phase 2 runs the descent of each (sequence, chunk) on
-// its T scores, which is tiny next to reading the embeddings.
+// CPU kernel for tree_topk. Each (sequence, chunk) task scores its T nodes (dot product and squared
+// norm in one pass over each embedding) and runs its descent on those T scores, which is tiny next
+// to reading the embeddings.
 #include "sharedllm/tree_topk.h"
 
 #include <algorithm>
@@ -61,22 +61,21 @@ void tree_topk(const TreeTopkParams& p) {
     q_norm[i] = std::max(std::sqrt(sq), 1e-8f);
   }
 
-  parallel_for(0, B * C * Tn, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t bi = item / (C * Tn), c = (item / Tn) % C, t = item % Tn;
-      const T* e = emb + bi * p.e_batch_stride + c * p.e_chunk_stride + t * p.e_node_stride;
-      float dot, sq;
-      dot_and_sqnorm(e, qf.data() + bi * D, D, &dot, &sq);
-      p.scores[item] =
-          p.score == ScoreMode::kDot ? dot : dot / (q_norm[bi] * std::max(std::sqrt(sq), 1e-8f));
-    }
-  });
-
-  parallel_for(0, B * C, 16, [&](int64_t begin, int64_t end) {
+  // One task per (sequence, chunk): score its T nodes, then descend. One parallel region, since at
+  // retrieval sizes (a few MB of embeddings) a second fork/join costs as much as the descent.
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, Tn * D));
+  parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> expanded, candidates;
     std::vector<std::pair<int64_t, int32_t>> kept;  // (first leaf, level-order id)
     for (int64_t item = begin; item < end; ++item) {
-      const float* scores = p.scores + item * Tn;
+      const int64_t bi = item / C, c = item % C;
+      float* scores = p.scores + item * Tn;
+      for (int64_t t = 0; t < Tn; ++t) {
+        float dot, sq;
+        dot_and_sqnorm(emb + bi * p.e_batch_stride + c * p.e_chunk_stride + t * p.e_node_stride, qf.data() + bi * D,
+                       D, &dot, &sq);
+        scores[t] = p.score == ScoreMode::kDot ? dot : dot / (q_norm[bi] * std::max(std::sqrt(sq), 1e-8f));
+      }
       kept.clear();
       expanded.clear();
       int64_t offset = 0, width = b;  // first id and node count of the current level
