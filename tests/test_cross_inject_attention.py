@@ -474,6 +474,25 @@ def test_cpp_gradients_multiple_tiles(dtype):
 
 
 @requires_ext
+@pytest.mark.parametrize("threads", [1, 64], ids=["one_pass_dq", "two_pass_dq"])
+def test_cpp_gradients_both_backward_schedules(threads):
+    """The backward accumulates dQ in its dK/dV pass when (sequences x kv heads) can keep every
+    thread busy, and in a second pass otherwise; the thread count picks one, both must agree."""
+    lq, lk = [300, 0, 70], [600, 40, 0]
+    q, k, v, cq, ck, extra = make_inputs(lq, lk, 6, 2, 32, rotary=True, max_pos=1000)
+    grad_out, grad_lse = torch.randn(sum(lq), 6, 32), torch.randn(sum(lq), 6)
+    ref = _grads("reference", q, k, v, cq, ck, extra, grad_out, grad_lse)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _grads("cpp", q, k, v, cq, ck, extra, grad_out, grad_lse)
+    finally:
+        torch.set_num_threads(before)
+    for name, g, r in zip(("dq", "dk", "dv"), got, ref):
+        assert_close(g, r, grad_tol(torch.float32, float(r.abs().max())), msg=name)
+
+
+@requires_ext
 def test_cpp_backward_op_direct_is_deterministic_and_written():
     q, k, v, cq, ck, extra = make_inputs(LQ, LK, 6, 2, 16, rotary=True)
     args_rot = (extra["q_positions"], extra["k_positions"], extra["rotary_cos"], extra["rotary_sin"])

@@ -292,44 +292,86 @@ void cross_inject_attention_backward(const AttentionBackwardParams& p) {
                      std::vector<float>(rows_max), std::vector<float>(rows_max)};
   };
 
-  // Pass 1: dK, dV. A task owns a block of keys of one kv head and visits every query of the sequence.
-  const std::vector<Tile> key_tiles = make_tiles(p.cu_seqlens_k, p.batch, Hk, kKeyBlock);
-  parallel_for(0, static_cast<int64_t>(key_tiles.size()), 1, [&](int64_t begin, int64_t end) {
+  // Writes the float32 dQ of a query tile (rows as in load_query_tile), rotated back to q's frame.
+  auto store_dq_tile = [&](const Tile& t, float* acc) {
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const int64_t h = t.kv_head * G + gi;
+      for (int64_t i = 0; i < t.len; ++i) {
+        float* g = acc + (gi * t.len + i) * D;
+        const int64_t qi = t.start + i;
+        if (p.rotary.enabled()) {
+          const int64_t pos = p.rotary.q_positions[qi];
+          rotary_apply_transposed(g, p.rotary.cos + pos * D, p.rotary.sin + pos * D, D);
+        }
+        store_row(dq + (qi * Hq + h) * D, g, D, 1.0f);
+      }
+    }
+  };
+
+  // Pass 1: dK, dV. A task owns a range of keys of one kv head and visits every query of the
+  // sequence. When there are enough (sequence, kv head) pairs to keep every thread busy, a task
+  // owns all keys of its pair, and so also every dQ row of the pair: it accumulates dQ on the way
+  // and pass 2, which recomputes the scores, is skipped.
+  const bool fused_dq = p.batch * Hk >= 2 * num_threads();
+  std::vector<Tile> key_tasks;
+  if (fused_dq) {
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t g = 0; g < Hk; ++g)
+        key_tasks.push_back({b, g, p.cu_seqlens_k[b], p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b]});
+  } else {
+    key_tasks = make_tiles(p.cu_seqlens_k, p.batch, Hk, kKeyBlock);
+  }
+  parallel_for(0, static_cast<int64_t>(key_tasks.size()), 1, [&](int64_t begin, int64_t end) {
     QueryTile qt = new_query_tile();
     const int64_t rows_max = G * block_q;
     std::vector<float> ks(kKeyBlock * D), vs(kKeyBlock * Dv), dk_acc(kKeyBlock * D), dv_acc(kKeyBlock * Dv);
-    std::vector<float> prob(rows_max * kKeyBlock), dscore(rows_max * kKeyBlock);
+    std::vector<float> prob(rows_max * kKeyBlock), dscore(rows_max * kKeyBlock), dq_acc;
     for (int64_t ti = begin; ti < end; ++ti) {
-      const Tile& kt = key_tiles[ti];
-      const int64_t nb = kt.len;
-      load_rows(ks.data(), k + kt.kv_head * p.k_head_stride, p.k_row_stride, kt.start, nb, D, p.rotary.k_positions,
-                p.rotary, 1.0f);
-      load_rows(vs.data(), v + kt.kv_head * p.v_head_stride, p.v_row_stride, kt.start, nb, Dv, nullptr,
-                RotaryParams{}, 1.0f);
-      std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
-      std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
-      const int64_t q_begin = p.cu_seqlens_q[kt.batch], q_end = p.cu_seqlens_q[kt.batch + 1];
-      for (int64_t qb = q_begin; qb < q_end; qb += block_q) {
-        const Tile t{kt.batch, kt.kv_head, qb, std::min(block_q, q_end - qb)};
-        const int64_t rows = G * t.len;
-        qt.load(p, q, dout, delta, t, G);
-        probs_and_grad(qt, rows, ks.data(), vs.data(), nb, prob.data(), dscore.data());
-        gemm_f32(true, false, nb, Dv, rows, 1.0f, prob.data(), nb, qt.dos.data(), Dv, 1.0f, dv_acc.data(), Dv);
-        gemm_f32(true, false, nb, D, rows, p.softmax_scale, dscore.data(), nb, qt.qs.data(), D, 1.0f, dk_acc.data(),
-                 D);
-      }
-      for (int64_t j = 0; j < nb; ++j) {
-        const int64_t row = (kt.start + j) * Hk + kt.kv_head;
-        float* g = dk_acc.data() + j * D;
-        if (p.rotary.enabled()) {
-          const int64_t pos = p.rotary.k_positions[kt.start + j];
-          rotary_apply_transposed(g, p.rotary.cos + pos * D, p.rotary.sin + pos * D, D);
+      const Tile& task = key_tasks[ti];
+      const int64_t q_begin = p.cu_seqlens_q[task.batch], q_end = p.cu_seqlens_q[task.batch + 1];
+      const int64_t num_q_tiles = (q_end - q_begin + block_q - 1) / block_q;
+      if (fused_dq) dq_acc.assign(num_q_tiles * rows_max * D, 0.0f);  // query tile j at j * rows_max * D
+      for (int64_t kb = task.start; kb < task.start + task.len; kb += kKeyBlock) {
+        const int64_t nb = std::min(kKeyBlock, task.start + task.len - kb);
+        load_rows(ks.data(), k + task.kv_head * p.k_head_stride, p.k_row_stride, kb, nb, D, p.rotary.k_positions,
+                  p.rotary, 1.0f);
+        load_rows(vs.data(), v + task.kv_head * p.v_head_stride, p.v_row_stride, kb, nb, Dv, nullptr,
+                  RotaryParams{}, 1.0f);
+        std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
+        std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
+        for (int64_t j = 0; j < num_q_tiles; ++j) {
+          const int64_t qb = q_begin + j * block_q;
+          const Tile t{task.batch, task.kv_head, qb, std::min(block_q, q_end - qb)};
+          const int64_t rows = G * t.len;
+          qt.load(p, q, dout, delta, t, G);
+          probs_and_grad(qt, rows, ks.data(), vs.data(), nb, prob.data(), dscore.data());
+          gemm_f32(true, false, nb, Dv, rows, 1.0f, prob.data(), nb, qt.dos.data(), Dv, 1.0f, dv_acc.data(), Dv);
+          gemm_f32(true, false, nb, D, rows, p.softmax_scale, dscore.data(), nb, qt.qs.data(), D, 1.0f,
+                   dk_acc.data(), D);
+          if (fused_dq)
+            gemm_f32(false, false, rows, D, nb, p.softmax_scale, dscore.data(), nb, ks.data(), D, 1.0f,
+                     dq_acc.data() + j * rows_max * D, D);
         }
-        store_row(dk + row * D, g, D, 1.0f);
-        store_row(dv + row * Dv, dv_acc.data() + j * Dv, Dv, 1.0f);
+        for (int64_t r = 0; r < nb; ++r) {
+          const int64_t row = (kb + r) * Hk + task.kv_head;
+          float* g = dk_acc.data() + r * D;
+          if (p.rotary.enabled()) {
+            const int64_t pos = p.rotary.k_positions[kb + r];
+            rotary_apply_transposed(g, p.rotary.cos + pos * D, p.rotary.sin + pos * D, D);
+          }
+          store_row(dk + row * D, g, D, 1.0f);
+          store_row(dv + row * Dv, dv_acc.data() + r * Dv, Dv, 1.0f);
+        }
+      }
+      if (!fused_dq) continue;
+      for (int64_t j = 0; j < num_q_tiles; ++j) {
+        const int64_t qb = q_begin + j * block_q;
+        store_dq_tile(Tile{task.batch, task.kv_head, qb, std::min(block_q, q_end - qb)},
+                      dq_acc.data() + j * rows_max * D);
       }
     }
   });
+  if (fused_dq) return;
 
   // Pass 2: dQ. A task owns a query tile and visits every key block of its sequence.
   const std::vector<Tile> query_tiles = make_tiles(p.cu_seqlens_q, p.batch, Hk, block_q);
@@ -354,18 +396,7 @@ void cross_inject_attention_backward(const AttentionBackwardParams& p) {
         gemm_f32(false, false, rows, D, nb, p.softmax_scale, dscore.data(), nb, ks.data(), D, 1.0f, dq_acc.data(),
                  D);
       }
-      for (int64_t gi = 0; gi < G; ++gi) {
-        const int64_t h = t.kv_head * G + gi;
-        for (int64_t i = 0; i < t.len; ++i) {
-          float* g = dq_acc.data() + (gi * t.len + i) * D;
-          const int64_t qi = t.start + i;
-          if (p.rotary.enabled()) {
-            const int64_t pos = p.rotary.q_positions[qi];
-            rotary_apply_transposed(g, p.rotary.cos + pos * D, p.rotary.sin + pos * D, D);
-          }
-          store_row(dq + (qi * Hq + h) * D, g, D, 1.0f);
-        }
-      }
+      store_dq_tile(t, dq_acc.data());
     }
   });
 }
