@@ -5,6 +5,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <cstdlib>
+#include <cstring>
+
 // torch's x86 wheels link MKL statically and export its Fortran BLAS symbol; where it is absent
 // (other builds) the weak reference is null and we fall back to at::mm_out on wrapped buffers.
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -15,6 +18,18 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 extern "C" int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 
 namespace sharedllm::cpu {
+namespace {
+
+// SHAREDLLM_OPS_GEMM=aten forces the fallback, so that tests cover builds without MKL too.
+bool use_blas_symbol() {
+  static const bool use = [] {
+    const char* choice = std::getenv("SHAREDLLM_OPS_GEMM");
+    return sgemm_ != nullptr && !(choice != nullptr && std::strcmp(choice, "aten") == 0);
+  }();
+  return use;
+}
+
+}  // namespace
 
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
@@ -30,7 +45,7 @@ int64_t num_threads() { return at::get_num_threads(); }
 void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
               const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  if (sgemm_ != nullptr) {
+  if (use_blas_symbol()) {
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
     const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
     const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
