@@ -16,14 +16,27 @@ namespace {
 
 template <typename T>
 SHAREDLLM_CPU_CLONES void dot_and_sqnorm(const T* e, const float* q, int64_t n, float* dot, float* sqnorm) {
-  vec8 d = splat8(0.0f), s = splat8(0.0f);
+  // four independent accumulators per sum: one would wait on the add latency every step
+  vec8 d0 = splat8(0.0f), d1 = d0, d2 = d0, d3 = d0, s0 = d0, s1 = d0, s2 = d0, s3 = d0;
   int64_t i = 0;
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
+    const vec8 v0 = load8(e + i), v1 = load8(e + i + kLanes);
+    const vec8 v2 = load8(e + i + 2 * kLanes), v3 = load8(e + i + 3 * kLanes);
+    d0 += v0 * load8(q + i);
+    d1 += v1 * load8(q + i + kLanes);
+    d2 += v2 * load8(q + i + 2 * kLanes);
+    d3 += v3 * load8(q + i + 3 * kLanes);
+    s0 += v0 * v0;
+    s1 += v1 * v1;
+    s2 += v2 * v2;
+    s3 += v3 * v3;
+  }
   for (; i + kLanes <= n; i += kLanes) {
     const vec8 v = load8(e + i);
-    d += v * load8(q + i);
-    s += v * v;
+    d0 += v * load8(q + i);
+    s0 += v * v;
   }
-  float dd = horizontal_sum(d), ss = horizontal_sum(s);
+  float dd = horizontal_sum((d0 + d1) + (d2 + d3)), ss = horizontal_sum((s0 + s1) + (s2 + s3));
   for (; i < n; ++i) {
     const float v = to_float(e[i]);
     dd += v * q[i];
