@@ -378,9 +378,9 @@ def test_op_rejects_device_mismatch_in_cpu_kernel():
 
 @requires_ext
 def test_op_rejects_device_mismatch():
-    """LIBRARY BUG (see report): with x on CPU and cu_seqlens on "meta", the dispatcher picks the
-    Meta kernel, i.e. the fake implementation registered in sharedllm_ops/ops/chunk_pool.py, which
-    checks nothing and returns ``x.new_empty(...)``: an uninitialised CPU tensor, no error."""
+    """With x on CPU and cu_seqlens on "meta", the dispatcher picks the Meta kernel, i.e. the fake
+    implementation, which must reject the device mismatch (it once returned an uninitialised CPU
+    tensor)."""
     a = _good()
     with pytest.raises((ValueError, RuntimeError), match=r"cu_seqlens|device"):
         out = torch.ops.sharedllm.chunk_pool(a["x"], a["cu_seqlens"].to("meta"), 2, "mean")

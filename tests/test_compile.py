@@ -89,11 +89,8 @@ def test_compile_fullgraph_matches_eager():
 @pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
 def test_compile_dynamic_shapes_no_recompile(rotary):
     """The fake kernels and the public functions' checks work with symbolic sizes: a second set of
-    shapes (other numbers of segments, queries and keys) reuses the graph.
-
-    LIBRARY BUG (see report) for rotary=True: sharedllm_ops/ops/cross_inject_attention.py formats
-    the shapes into its check arguments eagerly (``f"[Nq={Nq}]"`` passed to ``V.check_index``), which
-    specialises Nq (and, through it, Nk) to a constant, so every new number of queries recompiles."""
+    shapes (other numbers of segments, queries and keys) reuses the graph. (Regression: formatting
+    Nq into an argument check's message once specialised it, so every new query count recompiled.)"""
     torch._dynamo.reset()
     compiled_fn = torch.compile(pipeline, fullgraph=True, dynamic=True, backend="aot_eager")
     shapes = [

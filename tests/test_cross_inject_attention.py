@@ -238,10 +238,9 @@ def test_merge_attention_gradients():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 def test_merge_attention_gradients_with_empty_rows_are_finite(dtype):
-    """LIBRARY BUG (see report): where both sides are empty (lse_a = lse_b = -inf, out = 0) the
-    gradients w.r.t. lse_a and lse_b are NaN (backward of logaddexp(-inf, -inf) in
-    sharedllm_ops/reference/cross_inject_attention.py::merge_attention), even for a loss on out
-    only; the output there is the constant 0, so the gradient should be 0."""
+    """Where both sides are empty (lse_a = lse_b = -inf, out = 0) the output is the constant 0, so
+    the gradients w.r.t. lse_a and lse_b are 0, not NaN (the backward of logaddexp(-inf, -inf),
+    which merge_attention once used)."""
     out_a = torch.randn(2, 1, 3, dtype=dtype, requires_grad=True)
     out_b = torch.randn(2, 1, 3, dtype=dtype, requires_grad=True)
     lse_a = torch.tensor([[-math.inf], [0.3]], dtype=dtype, requires_grad=True)
@@ -580,11 +579,10 @@ def test_opcheck_backward(rotary, with_grad_lse):
 @requires_ext
 @pytest.mark.parametrize("layout", ["padded", "transposed"])
 def test_opcheck_backward_noncontiguous_inputs(layout):
-    """LIBRARY BUG (see report) for layout="transposed": the fake kernel of
-    cross_inject_attention_backward (sharedllm_ops/ops/cross_inject_attention.py) returns
-    ``torch.empty_like(q/k/v)``, which keeps the strides of a dense non-contiguous q (here
+    """Regression for layout="transposed": the fake kernel of cross_inject_attention_backward once
+    returned ``torch.empty_like(q/k/v)``, which keeps the strides of a dense non-contiguous q (here
     [H, N, D].transpose(0, 1)), while the C++ kernel returns contiguous gradients: test_faketensor
-    reports a stride mismatch, and torch.compile of the backward fails its stride assertion."""
+    reported a stride mismatch, and torch.compile of the backward failed its stride assertion."""
     q, k, v, cq, ck, extra = make_inputs([3, 0, 5, 2], [4, 3, 0, 6], 4, 2, 16, layout=layout)
     args = _op_args(q, k, v, cq, ck, extra)
     out, lse = torch.ops.sharedllm.cross_inject_attention(*args)
@@ -737,9 +735,8 @@ def test_op_rejects_device_mismatch_in_cpu_kernel(change, exc, match):
 
 @requires_ext
 def test_op_rejects_device_mismatch():
-    """LIBRARY BUG (see report): a "meta" k with CPU q/v dispatches to the fake kernel
-    (sharedllm_ops/ops/cross_inject_attention.py), which checks nothing and returns
-    uninitialised CPU tensors instead of raising."""
+    """A "meta" k with CPU q/v dispatches to the fake kernel, which must reject the device
+    mismatch (it once returned uninitialised CPU tensors instead of raising)."""
     a = {**_good(), "k": torch.randn(NK, _HK, _D, device="meta")}
     with pytest.raises((ValueError, RuntimeError), match=r"\bk\b|device"):
         out, _ = _call_op(a)

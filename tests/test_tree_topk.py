@@ -287,8 +287,7 @@ def test_public_output_is_not_differentiable():
 def test_empty_batch_or_chunks(backend, B, C):
     """No sequences, or sequences without context chunks: empty outputs of the right shape.
 
-    LIBRARY BUG (see report) for the reference with B*C == 0: ``scores.reshape(B * C, -1)`` in
-    sharedllm_ops/reference/tree_topk.py raises "cannot reshape tensor of 0 elements"."""
+    (Regression: the reference once reshaped B*C == 0 scores with -1 and raised.)"""
     query, emb = torch.randn(B, 8), torch.randn(B, C, 14, 8)
     ids, scores = so.tree_topk(query, emb, 3, backend=backend)
     assert ids.shape == (B, C, 4) and ids.dtype == torch.int32
@@ -383,8 +382,8 @@ def test_op_rejects_device_mismatch_in_cpu_kernel():
 
 @requires_ext
 def test_op_rejects_device_mismatch():
-    """LIBRARY BUG (see report): a "meta" node_emb with a CPU query dispatches to the fake kernel
-    (sharedllm_ops/ops/tree_topk.py), which checks nothing and returns uninitialised CPU tensors."""
+    """A "meta" node_emb with a CPU query dispatches to the fake kernel, which must reject the
+    device mismatch (it once returned uninitialised CPU tensors)."""
     a = _good()
     with pytest.raises((ValueError, RuntimeError), match=r"node_emb|device"):
         ids, _ = torch.ops.sharedllm.tree_topk(a["query"], a["node_emb"].to("meta"), 3, 1, 2, "cosine")
