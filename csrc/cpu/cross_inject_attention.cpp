@@ -9,9 +9,8 @@
 #include "sharedllm/cross_inject_attention.h"
 
 #include <algorithm>
-#include <cstdint>
 #include <cmath>
-#include <cstring>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -113,6 +112,13 @@ std::vector<Tile> make_tiles(const int32_t* cu, int64_t batch, int64_t kv_heads,
   return tiles;
 }
 
+// The consecutive tiles of at most `block` rows that cover `span`.
+void split_tiles(const Tile& span, int64_t block, std::vector<Tile>* tiles) {
+  tiles->clear();
+  for (int64_t start = span.start; start < span.start + span.len; start += block)
+    tiles->push_back({span.batch, span.kv_head, start, std::min(block, span.start + span.len - start)});
+}
+
 // Rows [start, start+len) of head `head` into dst (ld = dim) as float32, rotated if the rotary is
 // on, times `scale`.
 template <typename T>
@@ -173,9 +179,7 @@ void cross_inject_attention_forward(const AttentionForwardParams& p) {
   // A task runs up to kMaxTilesPerTask query tiles of one (sequence, kv head) side by side, so
   // that each key block is converted and rotated once for all of them; fewer when that would
   // leave threads without work.
-  int64_t num_tiles = 0;
-  for (int64_t b = 0; b < p.batch; ++b)
-    num_tiles += (p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b] + block_q - 1) / block_q * p.num_kv_heads;
+  const auto num_tiles = static_cast<int64_t>(make_tiles(p.cu_seqlens_q, p.batch, p.num_kv_heads, block_q).size());
   const int64_t tiles_per_task = std::clamp<int64_t>(num_tiles / (4 * num_threads()), 1, kMaxTilesPerTask);
   const std::vector<Tile> tasks = make_tiles(p.cu_seqlens_q, p.batch, p.num_kv_heads, block_q * tiles_per_task);
 
@@ -186,10 +190,9 @@ void cross_inject_attention_forward(const AttentionForwardParams& p) {
     std::vector<Tile> tiles;
     for (int64_t ti = begin; ti < end; ++ti) {
       const Tile& task = tasks[ti];
-      tiles.clear();
-      for (int64_t start = task.start; start < task.start + task.len; start += block_q)
-        tiles.push_back({task.batch, task.kv_head, start, std::min(block_q, task.start + task.len - start)});
-      for (size_t j = 0; j < tiles.size(); ++j) load_query_tile(qs.data() + j * rows_max * D, p, q, tiles[j], G, score_scale);
+      split_tiles(task, block_q, &tiles);
+      for (size_t j = 0; j < tiles.size(); ++j)
+        load_query_tile(qs.data() + j * rows_max * D, p, q, tiles[j], G, score_scale);
       std::fill(o.begin(), o.end(), 0.0f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.0f);
@@ -326,10 +329,12 @@ void cross_inject_attention_backward(const AttentionBackwardParams& p) {
     const int64_t rows_max = G * block_q;
     std::vector<float> ks(kKeyBlock * D), vs(kKeyBlock * Dv), dk_acc(kKeyBlock * D), dv_acc(kKeyBlock * Dv);
     std::vector<float> prob(rows_max * kKeyBlock), dscore(rows_max * kKeyBlock), dq_acc;
+    std::vector<Tile> q_tiles;
     for (int64_t ti = begin; ti < end; ++ti) {
       const Tile& task = key_tasks[ti];
       const int64_t q_begin = p.cu_seqlens_q[task.batch], q_end = p.cu_seqlens_q[task.batch + 1];
-      const int64_t num_q_tiles = (q_end - q_begin + block_q - 1) / block_q;
+      split_tiles(Tile{task.batch, task.kv_head, q_begin, q_end - q_begin}, block_q, &q_tiles);
+      const int64_t num_q_tiles = static_cast<int64_t>(q_tiles.size());
       if (fused_dq) dq_acc.assign(num_q_tiles * rows_max * D, 0.0f);  // query tile j at j * rows_max * D
       for (int64_t kb = task.start; kb < task.start + task.len; kb += kKeyBlock) {
         const int64_t nb = std::min(kKeyBlock, task.start + task.len - kb);
@@ -340,8 +345,7 @@ void cross_inject_attention_backward(const AttentionBackwardParams& p) {
         std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
         std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
         for (int64_t j = 0; j < num_q_tiles; ++j) {
-          const int64_t qb = q_begin + j * block_q;
-          const Tile t{task.batch, task.kv_head, qb, std::min(block_q, q_end - qb)};
+          const Tile& t = q_tiles[j];
           const int64_t rows = G * t.len;
           qt.load(p, q, dout, delta, t, G);
           probs_and_grad(qt, rows, ks.data(), vs.data(), nb, prob.data(), dscore.data());
@@ -364,11 +368,7 @@ void cross_inject_attention_backward(const AttentionBackwardParams& p) {
         }
       }
       if (!fused_dq) continue;
-      for (int64_t j = 0; j < num_q_tiles; ++j) {
-        const int64_t qb = q_begin + j * block_q;
-        store_dq_tile(Tile{task.batch, task.kv_head, qb, std::min(block_q, q_end - qb)},
-                      dq_acc.data() + j * rows_max * D);
-      }
+      for (int64_t j = 0; j < num_q_tiles; ++j) store_dq_tile(q_tiles[j], dq_acc.data() + j * rows_max * D);
     }
   });
   if (fused_dq) return;
