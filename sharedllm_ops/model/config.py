@@ -1,0 +1,109 @@
+"""SharedLLMConfig: every choice of the SharedLLM wrapper (DESIGN section 5), with the paper's defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+from ..ops import BACKENDS
+
+CONFIG_NAME = "sharedllm_config.json"
+
+
+@dataclass
+class SharedLLMConfig:
+    """How SharedLLM stacks a decoder on itself.
+
+    Attributes:
+        num_injected_layers: ``M``; the bottom ``M`` layers form the lower model (compressor) and
+            the bottom ``M`` layers of the upper model receive the compressed context.
+        chunk_size: context chunk length; the last chunk of a context may be shorter.
+        tree_depth: ``h`` of each chunk's binary tree; 0 = each chunk is one node (no tree).
+            Chunks shorter than ``2 ** tree_depth`` tokens cannot be split and stay one node.
+        tokens_per_node: ``P`` of ``chunk_pool``: every preserved node longer than ``P`` is pooled
+            to ``P`` key/value rows (shorter nodes are kept as they are). ``None`` = no compression.
+        pool_mode: ``"mean"`` or ``"first"`` (``chunk_pool`` modes).
+        retrieval: ``"query"`` (cosine between the query and node embeddings, as in the paper) or
+            ``"right"`` (always expand the right child: no query needed).
+        split_noise_std: training-time split noise as a fraction of node length (paper: 0.2);
+            applied only while the model is in training mode.
+        injection: ``"residual"`` (the paper's cross block ``x += o_c(Attn(q_c(norm_c(x)), K, V))``
+            after self-attention) or ``"merge"`` (training-free: the layer's own query attends to the
+            context, merged into self-attention with ``merge_attention``).
+        positions: ``"chunk"`` (paper Eq. 2: nodes are encoded from position 0, keys of chunk ``i``
+            get the extra rotary position ``i``, cross-attention queries position ``n`` = number of
+            chunks; the decoder starts at position 0) or ``"true"`` (context tokens keep their
+            positions in the context and the decoder continues after it).
+        cross_init: ``"copy"`` (cross blocks start as copies of the layer's input norm and q/o
+            projections) or ``"random"``.
+        share_lower: the lower model shares the base model's weights (default); ``False`` copies
+            its layers so that they can be trained apart.
+        backend: backend of every sharedllm_ops op (``"auto"``, ``"reference"``, ``"cpp"``, ...).
+    """
+
+    num_injected_layers: int = 4
+    chunk_size: int = 1024
+    tree_depth: int = 3
+    tokens_per_node: int | None = 32
+    pool_mode: str = "mean"
+    retrieval: str = "query"
+    split_noise_std: float = 0.0
+    injection: str = "residual"
+    positions: str = "chunk"
+    cross_init: str = "copy"
+    share_lower: bool = True
+    backend: str = "auto"
+
+    def __post_init__(self):
+        def check_int(name: str, low: int, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                expected = f"an int >= {low}" + (" or None" if allow_none else "")
+                raise ValueError(f"SharedLLMConfig.{name} must be {expected}, got {value!r}")
+
+        def check_choice(name: str, choices) -> None:
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"SharedLLMConfig.{name} must be one of {tuple(choices)}, got {value!r}")
+
+        check_int("num_injected_layers", 1)
+        check_int("chunk_size", 1)
+        check_int("tree_depth", 0)
+        check_int("tokens_per_node", 1, allow_none=True)
+        check_choice("pool_mode", ("mean", "first"))
+        check_choice("retrieval", ("query", "right"))
+        check_choice("injection", ("residual", "merge"))
+        check_choice("positions", ("chunk", "true"))
+        check_choice("cross_init", ("copy", "random"))
+        check_choice("backend", BACKENDS)
+        if not isinstance(self.split_noise_std, (int, float)) or not 0.0 <= self.split_noise_std < 0.5:
+            raise ValueError(f"SharedLLMConfig.split_noise_std must be a float in [0, 0.5), got {self.split_noise_std!r}")
+        if not isinstance(self.share_lower, bool):
+            raise ValueError(f"SharedLLMConfig.share_lower must be a bool, got {self.share_lower!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SharedLLMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown SharedLLMConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        with open(os.path.join(folder, CONFIG_NAME), "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "SharedLLMConfig":
+        path = os.path.join(folder, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: is {folder} a folder written by SharedLLMForCausalLM.save_pretrained?")
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
