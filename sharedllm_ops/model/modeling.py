@@ -47,6 +47,7 @@ class CompressedContext:
         k_positions: int32 ``[Nk]`` chunk index of every row (``positions="chunk"``), else None.
         num_chunks: int32 ``[B]`` (``n`` of Eq. 2: the query position); ``max_chunks`` its maximum.
         context_lengths: int64 ``[B]`` original context lengths (decoder offset for ``positions="true"``).
+        nodes: the preserved nodes (sequence, chunk, start, length), left to right.
         stats: sizes and per-stage seconds (``retrieve``, ``encode``, ``pool``).
     """
 
@@ -57,6 +58,7 @@ class CompressedContext:
     num_chunks: torch.Tensor
     max_chunks: int
     context_lengths: torch.Tensor
+    nodes: C.PreservedNodes | None = None
     stats: dict = field(default_factory=dict)
 
     @property
@@ -77,6 +79,7 @@ class CompressedContext:
             k_positions=move(self.k_positions),
             num_chunks=move(self.num_chunks),
             context_lengths=move(self.context_lengths),
+            nodes=None if self.nodes is None else C.PreservedNodes(*(move(t) for t in vars(self.nodes).values())),
         )
 
     def repeat_interleave(self, repeats: int) -> "CompressedContext":
@@ -95,6 +98,7 @@ class CompressedContext:
             k_positions=take(self.k_positions),
             num_chunks=self.num_chunks[row],
             context_lengths=self.context_lengths[row],
+            nodes=None,  # describes the original batch only
         )
 
 
@@ -431,6 +435,11 @@ class SharedLLMForCausalLM(nn.Module):
         captured ``{layer_idx: (k, v)}`` (``[N, Hk, D]``, k rotated at ``positions``).
         """
         model = self.base_model.model
+        if token_ids.numel() == 0:  # transformers' attention cannot reshape an empty row
+            attn = layers[0].self_attn if len(layers) else model.layers[0].self_attn
+            empty = model.embed_tokens.weight.new_zeros(0, attn.k_proj.out_features // attn.head_dim, attn.head_dim)
+            hidden = model.embed_tokens.weight.new_zeros(0, model.embed_tokens.embedding_dim)
+            return hidden, {i: (empty, empty) for i in capture_layers}
         hidden = model.embed_tokens(token_ids)[None]
         position_ids = positions[None]
         position_embeddings = model.rotary_emb(hidden, position_ids=position_ids)
@@ -584,6 +593,7 @@ class SharedLLMForCausalLM(nn.Module):
             num_chunks=num_chunks,
             max_chunks=int(num_chunks.max()) if B else 0,
             context_lengths=lengths,
+            nodes=nodes,
             stats=stats,
         )
 
