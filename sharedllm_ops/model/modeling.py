@@ -209,6 +209,7 @@ class SharedLLMForCausalLM(nn.Module):
         if config.injection == "residual":
             for i in range(M):
                 self.cross_blocks[str(i)] = self._new_cross_block(layers[i], config.cross_init)
+        original_attn = base_model.config._attn_implementation
         base_model.config._attn_implementation = ATTN_IMPLEMENTATION
         for layer in list(layers) + self._lower:
             layer.self_attn._sharedllm_state = self._state
@@ -221,6 +222,20 @@ class SharedLLMForCausalLM(nn.Module):
         if config.positions == "true":
             self._hooks.append(base_model.model.register_forward_pre_hook(self._offset_positions, with_kwargs=True))
         base_model._sharedllm_wrapped = True
+        self._original_attn = original_attn
+
+    def unwrap(self) -> nn.Module:
+        """Removes the hooks and the attention switch: returns the base model as it was (this wrapper is then unusable)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        layers = self.base_model.model.layers
+        for layer in list(layers) + self._lower:
+            layer.self_attn.__dict__.pop("_sharedllm_state", None)
+            layer.self_attn.config._attn_implementation = self._original_attn
+        self.base_model.config._attn_implementation = self._original_attn
+        self.base_model.__dict__.pop("_sharedllm_wrapped", None)
+        return self.base_model
 
     # ------------------------------------------------------------------------------------------
     # construction, saving, loading
