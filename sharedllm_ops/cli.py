@@ -1,9 +1,13 @@
 """The ``sharedllm-ops`` command (also ``python -m sharedllm_ops``).
 
     sharedllm-ops info             what was compiled, and which backend of each op can run here
-    sharedllm-ops demo             every op on every backend available on the device, at realistic
+    sharedllm-ops demo             SharedLLM on SmolLM2-135M and standard-library text: context
+                                   sizes, stage times, memory, the perplexity table, a continuation
+    sharedllm-ops eval-ppl --text FILE [--model PATH]
+                                   the perplexity table for your own model and texts
+    sharedllm-ops ops              every op on every backend available on the device, at realistic
                                    shapes: error against the reference and median time
-    sharedllm-ops demo --quick     the same on tiny shapes (seconds)
+    sharedllm-ops ops --quick      the same on tiny shapes (seconds)
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -49,7 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--json", action="store_true", help="print build_info() as JSON")
     info.set_defaults(handler=run_info)
 
-    demo = commands.add_parser("demo", help="run every op on every available backend, check and time it")
+    model_demo = commands.add_parser("demo", help="SharedLLM on SmolLM2-135M and real text: sizes, times, perplexity")
+    model_eval = commands.add_parser("eval-ppl", help="perplexity table (window / SharedLLM / full) for your model and texts")
+    add_model_arguments(model_demo, demo=True)
+    add_model_arguments(model_eval, demo=False)
+    model_demo.set_defaults(handler=lambda args: model_commands().run_demo(args))
+    model_eval.set_defaults(handler=lambda args: model_commands().run_eval_ppl(args))
+
+    demo = commands.add_parser("ops", help="run every op on every available backend, check and time it")
     demo.add_argument(
         "--device",
         choices=("cpu", "cuda"),
@@ -61,9 +73,37 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(handler=run_demo_command)
 
     args = parser.parse_args(argv)
-    if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
+    if args.command == "ops" and args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     return args.handler(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# demo and eval-ppl (the model; transformers is imported only when they run)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, demo: bool) -> None:
+    """The options shared by ``demo`` and ``eval-ppl``."""
+    parser.add_argument("--model", default=None,
+                        help="a Hugging Face model folder or a .gguf file (default: the embedded SmolLM2-135M)")
+    if demo:
+        parser.add_argument("--module", default="inspect.py", help="standard-library module to read (default: inspect.py)")
+    else:
+        parser.add_argument("--text", nargs="+", required=True, type=Path, help="text files to evaluate on")
+    parser.add_argument("--max-tokens", type=int, default=8192, help="tokens taken from the start of each text (default: 8192)")
+    parser.add_argument("--window", type=int, default=512, help="decoder window (default: 512)")
+    parser.add_argument("--last", type=int, default=256, help="tokens scored at the end (default: 256)")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="context chunk length (default: 1024)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="model dtype (default: float32)")
+
+
+def model_commands():
+    try:
+        from .model import demo
+    except ImportError as e:
+        sys.exit(f"sharedllm-ops: the model commands need transformers ({e}); pip install 'sharedllm_ops[model]'")
+    return demo
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +350,7 @@ def run_demo_command(args) -> int:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     size = "tiny" if args.quick else "realistic"
-    print(f"sharedllm_ops demo: {size} shapes, {args.dtype}, on {args.device} ({where})", flush=True)
+    print(f"sharedllm_ops ops: {size} shapes, {args.dtype}, on {args.device} ({where})", flush=True)
     results = run_demo(device, dtype, args.quick, log=lambda line: print(line, file=sys.stderr, flush=True))
     print_table(
         ["op", "shape", "backend", "max abs err", "median", "vs reference"],

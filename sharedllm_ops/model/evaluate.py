@@ -1,0 +1,114 @@
+"""Perplexity of SharedLLM against its baselines (DESIGN section 7), shared by ``sharedllm-ops demo``
+and ``sharedllm-ops eval-ppl``.
+
+The protocol: take the first ``max_tokens`` tokens of a text; the decoder sees the last ``window``
+of them; the perplexity is over the last ``last`` tokens. Rows:
+
+* **window only**: the base model on the decoder window alone;
+* **SharedLLM, training-free** (``injection="merge"``, every layer injected, chunks encoded at
+  their true positions): the rest of the text as context, uncompressed, and compressed 8x with
+  the paper's tree (depth 3, 32 tokens per node, query-aware retrieval);
+* **full attention**: the base model on all the tokens, where they fit its position window.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .config import SharedLLMConfig
+from .modeling import SharedLLMForCausalLM
+from .text import full_perplexity, window_perplexity
+
+
+def training_free_configs(num_layers: int, chunk_size: int = 1024) -> dict[str, SharedLLMConfig]:
+    """The training-free SharedLLM settings of the perplexity table, by row name."""
+    common = dict(num_injected_layers=num_layers, chunk_size=chunk_size, injection="merge", positions="true")
+    return {
+        "SharedLLM training-free (merge), uncompressed": SharedLLMConfig(**common, tree_depth=0, tokens_per_node=None),
+        "SharedLLM training-free (merge), compressed 8x": SharedLLMConfig(
+            **common, tree_depth=3, tokens_per_node=chunk_size // 32, retrieval="query", pool_mode="mean"
+        ),
+    }
+
+
+@dataclass
+class Row:
+    """One line of the perplexity table."""
+
+    name: str
+    perplexity: float
+    seconds: float
+    stats: dict = field(default_factory=dict)
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+@torch.no_grad()
+def sharedllm_perplexity(model: SharedLLMForCausalLM, ids: torch.Tensor, window: int, last: int):
+    """Perplexity of the last ``last`` tokens of ``ids [N]``: decoder on the last ``window``, the rest as context.
+
+    Returns ``(perplexity, stats)``: the compressed context's stats plus ``inject_s`` (the decoder
+    pass with injection minus the same pass without) and ``decode_s``.
+    """
+    if not 1 <= last < window < ids.numel():
+        raise ValueError(f"need 1 <= last < window < len(ids), got last={last}, window={window}, N={ids.numel()}")
+    device = model.device
+    context, decoder = ids[:-window].to(device)[None], ids[-window:].to(device)[None]
+    ctx = model.compress_context(context, None, query_input_ids=decoder)
+    start = time.perf_counter()
+    logits = model(decoder, compressed_context=ctx, use_cache=False, logits_to_keep=last + 1).logits
+    with_context = time.perf_counter() - start
+    start = time.perf_counter()
+    model(decoder, use_cache=False, logits_to_keep=1)
+    alone = time.perf_counter() - start
+    nll = F.cross_entropy(logits[0, :-1].float(), decoder[0, -last:])
+    stats = dict(ctx.stats, decode_s=alone, inject_s=max(with_context - alone, 0.0))
+    return math.exp(nll.item()), stats
+
+
+def perplexity_table(base, ids: torch.Tensor, window: int = 512, last: int = 256, chunk_size: int = 1024,
+                     progress=None, configs: dict | None = None) -> list[Row]:
+    """Every row of the module docstring for one text's token ids ``[N]``; ``base`` is left unwrapped.
+
+    ``progress(name)`` is called before each row (for a progress bar)."""
+    progress = progress or (lambda name: None)
+    rows = []
+
+    def timed(name, fn):
+        progress(name)
+        start = time.perf_counter()
+        result = fn()
+        ppl, stats = result if isinstance(result, tuple) else (result, {})
+        rows.append(Row(name, ppl, time.perf_counter() - start, stats))
+
+    timed(f"window {window} only", lambda: window_perplexity(base, ids, window, last))
+    num_layers = len(base.model.layers)
+    for name, config in (configs or training_free_configs(num_layers, chunk_size)).items():
+        model = SharedLLMForCausalLM.from_base(base, config)
+        try:
+            timed(name, lambda: sharedllm_perplexity(model, ids, window, last))
+        finally:
+            model.unwrap()
+    max_positions = getattr(base.config, "max_position_embeddings", None)
+    if max_positions is None or ids.numel() <= max_positions:
+        timed(f"full attention ({ids.numel()} tokens)", lambda: full_perplexity(base, ids, last))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    """Markdown table of perplexity rows."""
+    lines = ["| setting | perplexity | seconds |", "|---|---|---|"]
+    lines += [f"| {r.name} | {r.perplexity:.2f} | {r.seconds:.1f} |" for r in rows]
+    return "\n".join(lines)
+
+
+__all__ = ["Row", "format_table", "peak_rss_gb", "perplexity_table", "sharedllm_perplexity", "training_free_configs"]
