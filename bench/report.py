@@ -6,6 +6,10 @@
 Speed-ups divide medians of the same run (the JSON holds one run): ``vs reference`` is the
 pure-PyTorch reference's median over this row's, ``vs torch`` the torch peer's (rotary in PyTorch +
 ``scaled_dot_product_attention``). Above 1 means this row is faster.
+
+Model prefill rows (``bench/bench_model.py``, ``op == "model"``) go to a second table, with peak
+memory, the KV kept after the prefill, and SharedLLM's speed-up and memory ratio against each
+baseline of the same group (the baseline's over SharedLLM's: above 1 = SharedLLM is better).
 """
 
 from __future__ import annotations
@@ -28,13 +32,19 @@ def throughput(info: dict, seconds: float) -> str:
     return ""
 
 
+def is_model_row(bench: dict) -> bool:
+    return bench["extra_info"].get("op") == "model"
+
+
 def table_rows(data: dict) -> list[list[str]]:
-    """One row per benchmark, in run order (the suites run each group's peers first)."""
+    """One row per op benchmark, in run order (the suites run each group's peers first)."""
     medians: dict[str, dict[str, float]] = defaultdict(dict)  # group -> backend -> median
     for bench in data["benchmarks"]:
         medians[bench["group"]][bench["extra_info"].get("backend", bench["name"])] = bench["stats"]["median"]
     rows = []
     for bench in data["benchmarks"]:
+        if is_model_row(bench):
+            continue
         info, median = bench["extra_info"], bench["stats"]["median"]
         backend = info.get("backend", bench["name"])
         shape = info.get("shape", "")
@@ -59,6 +69,146 @@ def table_rows(data: dict) -> list[list[str]]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# model prefill rows
+
+MODEL_BASELINES = (("full_attention", "full attention"), ("streaming", "streaming"),
+                   ("encoder_decoder", "encoder-decoder"))
+SHAREDLLM = "sharedllm"
+
+
+def format_bytes(n) -> str:
+    if n is None or n == "":
+        return ""
+    n = float(n)
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _ratio(num, den) -> str:
+    return f"{num / den:.2f}x" if num and den else ""
+
+
+def _model_groups(data: dict) -> dict:
+    """group -> backend -> (median, extra_info), in run order."""
+    groups: dict[str, dict] = {}
+    for bench in data["benchmarks"]:
+        if is_model_row(bench):
+            info = bench["extra_info"]
+            groups.setdefault(bench["group"], {})[info.get("backend", bench["name"])] = (bench["stats"]["median"], info)
+    return groups
+
+
+def _notes(backend: str, info: dict) -> str:
+    cpu = ""
+    if "process_cpu_s" in info:
+        threads = f" with {info['torch_threads']} thread(s)" if "torch_threads" in info else ""
+        cpu = f"; CPU {format_seconds(info['process_cpu_s'], decimals_s=1)}{threads}"
+    return _method_notes(backend, info) + cpu
+
+
+def _method_notes(backend: str, info: dict) -> str:
+    path = info.get("context_path") or {}
+
+    def stage(key: str) -> str:
+        return f"{key[:-2]} {format_seconds(path[key], decimals_s=2)}" if key in path else ""
+
+    if backend == "streaming":
+        return f"sink {info.get('sink', '?')}, window {info.get('window', '?')}"
+    if backend == "encoder_decoder":
+        return (f"cross-attention in {info.get('cross_attention_layers', '?')} layers, "
+                f"chunks of {info.get('encoder_chunk', '?')}; {stage('encode_s')}")
+    if backend == SHAREDLLM:
+        kept = f", {path['compressed_tokens']} KV rows per layer" if "compressed_tokens" in path else ""
+        return (f"lower model {info.get('lower_layers', '?')} layer(s){kept}; "
+                + ", ".join(x for x in (stage("retrieve_s"), stage("encode_s")) if x))
+    return "full causal attention"
+
+
+def model_table_rows(data: dict) -> list[list[str]]:
+    """One row per model benchmark; on baseline rows, SharedLLM's speed-up and memory ratio against it."""
+    rows = []
+    for group in _model_groups(data).values():
+        shared = group.get(SHAREDLLM)
+        for backend, (median, info) in group.items():
+            peak = info.get("peak_memory_bytes")
+            if shared is not None and backend != SHAREDLLM:
+                speedup = _ratio(median, shared[0])
+                memory = _ratio(peak, shared[1].get("peak_memory_bytes"))
+            else:
+                speedup = memory = ""
+            rows.append([
+                info.get("device", ""),
+                f"{info.get('context_tokens', '?')} + {info.get('decoder_tokens', '?')}",
+                info.get("model", ""),
+                info.get("dtype", ""),
+                backend,
+                format_seconds(median, decimals_s=3),
+                format_bytes(peak),
+                format_bytes(info.get("kv_state_bytes")),
+                speedup,
+                memory,
+                _notes(backend, info),
+            ])
+    return rows
+
+
+def model_summary_rows(data: dict) -> list[list[str]]:
+    """Per group: SharedLLM's speed-up (and memory ratio) against each baseline."""
+    rows = []
+    for group in _model_groups(data).values():
+        if SHAREDLLM not in group:
+            continue
+        median, info = group[SHAREDLLM]
+        peak = info.get("peak_memory_bytes")
+        cells = []
+        for backend, _ in MODEL_BASELINES:
+            if backend in group:
+                other_median, other_info = group[backend]
+                memory = _ratio(other_info.get("peak_memory_bytes"), peak)
+                cells.append(_ratio(other_median, median) + (f" ({memory} memory)" if memory else ""))
+            else:
+                cells.append("")
+        rows.append([info.get("device", ""), f"{info.get('context_tokens', '?')} + {info.get('decoder_tokens', '?')}",
+                     info.get("model", ""), *cells])
+    return rows
+
+
+def render_model(data: dict) -> str:
+    header = ["device", "context + decoder", "model", "dtype", "backend", "median", "peak memory", "KV kept",
+              "SharedLLM speed-up", "SharedLLM memory ratio", "notes"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in model_table_rows(data)]
+    summary = model_summary_rows(data)
+    if summary:
+        sheader = ["device", "context + decoder", "model"] + [f"SharedLLM vs {name}" for _, name in MODEL_BASELINES]
+        lines += ["", "| " + " | ".join(sheader) + " |", "|" + "---|" * len(sheader)]
+        lines += ["| " + " | ".join(map(str, row)) + " |" for row in summary]
+    methods = {info.get("memory_method") for group in _model_groups(data).values() for _, info in group.values()}
+    memory = {
+        "cuda_max_memory_allocated": "on CUDA `torch.cuda.max_memory_allocated` during the call minus what was "
+        "allocated before",
+        "live_tensor_bytes": "on CPU the peak of the tensor storages the call's ops created, counted op by op "
+        "(torch keeps no CPU allocator statistics; scratch memory freed inside an op is not seen)",
+    }
+    notes = [
+        "Prefill of `context` then `decoder` tokens (batch 1, random weights and token ids), keeping what each "
+        "method keeps for generation; the logits of the last position are the result. Median time per call.",
+        "Peak memory: what the prefill allocates on top of the weights and inputs: "
+        + "; ".join(memory[m] for m in sorted(m for m in methods if m in memory)) + ". "
+        "KV kept: keys and values held after the prefill (from the shapes). Notes: SharedLLM's and the "
+        "encoder-decoder's context-path stages in the last call; on CPU, the process's CPU time in the call "
+        "(about threads x median when the cores were free to itself).",
+        "SharedLLM speed-up / memory ratio: this baseline's median (peak memory) over SharedLLM's in the same "
+        "run; above 1 = SharedLLM is faster (smaller). encoder_decoder is a CEPE-like proxy whose encoder is the "
+        "model itself (an upper bound on CEPE's small encoder), so its ratio is an upper bound on SharedLLM's "
+        "ratio against CEPE. See bench/bench_model.py.",
+    ]
+    return "## Model prefill\n\n" + "\n".join(notes) + "\n\n" + "\n".join(lines) + "\n"
+
+
 def render(data: dict) -> str:
     header = ["op", "pass", "shape", "dtype", "backend", "median", "throughput"] + [c for _, c in PEER_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -76,7 +226,14 @@ def render(data: dict) -> str:
         "convention) or bytes read + written (chunk_pool, tree_topk) per second. Speed-ups divide the "
         "medians of this same run; above 1 = this backend is faster.",
     ]
-    return "# Benchmarks\n\n" + "\n".join(context) + "\n\n" + "\n".join(lines) + "\n"
+    has_ops = any(not is_model_row(bench) for bench in data["benchmarks"])
+    has_model = any(is_model_row(bench) for bench in data["benchmarks"])
+    if not has_model:
+        return "# Benchmarks\n\n" + "\n".join(context) + "\n\n" + "\n".join(lines) + "\n"
+    text = "# Benchmarks\n\n" + "\n".join(context[:2])
+    if has_ops:
+        text += "\n" + context[2] + "\n\n" + "\n".join(lines)
+    return text + "\n\n" + render_model(data)
 
 
 def main(argv=None) -> int:
