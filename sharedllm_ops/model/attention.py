@@ -22,6 +22,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+import sharedllm_ops as so
+
 ATTN_IMPLEMENTATION = "sharedllm"
 
 
@@ -36,7 +38,7 @@ class PackedPass:
     ``buckets``: for each group of segments of similar length, ``(index [n, Lb], valid [n, Lb])``
     packed-token indices padded to the group's longest segment (one SDPA call per group).
     ``capture``: layer index -> (k, v) ``[N, Hk, D]`` filled by the pass; ``stop_after``: the layer
-    after whose k/v capture the pass ends.
+    after whose k/v capture the pass ends; ``keys_of``: see :meth:`build`.
     """
 
     cu_seqlens: torch.Tensor
@@ -45,9 +47,14 @@ class PackedPass:
     capture: dict = field(default_factory=dict)
     capture_layers: frozenset = frozenset()
     stop_after: int | None = None
+    keys_of: tuple | None = None
 
     @classmethod
-    def build(cls, cu_seqlens: torch.Tensor, capture_layers=(), stop_after: int | None = None) -> "PackedPass":
+    def build(cls, cu_seqlens, capture_layers=(), stop_after: int | None = None, keys_of: tuple | None = None):
+        """``keys_of = (k, v, cu_seqlens_k, backend)`` instead of ``cu_seqlens``: every packed token is a
+        query of its own that attends (non-causally) to its segment of ``k``/``v`` ``[Nk, Hk, D]``."""
+        if keys_of is not None:
+            return cls(None, [], None, {}, frozenset(capture_layers), stop_after, keys_of)
         cu = cu_seqlens.long()
         lengths = cu[1:] - cu[:-1]
         nonempty = (lengths > 0).nonzero().squeeze(1)
@@ -81,6 +88,12 @@ def packed_causal_attention(module, query, key, value, packed: PackedPass, scali
         packed.capture[layer] = (key[0].transpose(0, 1), value[0].transpose(0, 1))
         if layer == packed.stop_after:
             raise StopEncoding
+    if packed.keys_of is not None:
+        keys, values, cu_k, backend = packed.keys_of
+        cu_q = torch.arange(cu_k.numel(), dtype=torch.int32, device=query.device)
+        out = so.cross_inject_attention(query[0].transpose(0, 1), keys, values, cu_q, cu_k, softmax_scale=scaling,
+                                        backend=backend)
+        return out.unsqueeze(0), None
     q, k, v = query[0], key[0], value[0]
     gqa = q.shape[0] != k.shape[0]
     outs = []

@@ -442,7 +442,7 @@ class SharedLLMForCausalLM(nn.Module):
     # ------------------------------------------------------------------------------------------
     # the context path
 
-    def encode_packed(self, token_ids, positions, cu_seqlens, layers, capture_layers=(), stop_after=None):
+    def encode_packed(self, token_ids, positions, cu_seqlens, layers, capture_layers=(), stop_after=None, keys_of=None):
         """Runs ``layers`` on one packed row of independent causal segments.
 
         token_ids, positions: int64 ``[N]``; cu_seqlens: int32 ``[S + 1]``. Returns the hidden
@@ -458,7 +458,7 @@ class SharedLLMForCausalLM(nn.Module):
         hidden = model.embed_tokens(token_ids)[None]
         position_ids = positions[None]
         position_embeddings = model.rotary_emb(hidden, position_ids=position_ids)
-        packed = self._state.packed = PackedPass.build(cu_seqlens, capture_layers, stop_after)
+        packed = self._state.packed = PackedPass.build(cu_seqlens, capture_layers, stop_after, keys_of)
         try:
             for layer in layers:
                 out = layer(hidden, attention_mask=None, position_ids=position_ids,
@@ -494,9 +494,23 @@ class SharedLLMForCausalLM(nn.Module):
         positions = packed.offset
         if self.config.positions == "true":
             positions = positions + (chunks.start[which][:, None] + node_start).flatten()[packed.segment]
-        hidden, _ = self.encode_packed(flat_ids[packed.index], positions, packed.cu_seqlens, self._lower[:1])
-        emb = self.base_model.model.norm(hidden[packed.last_token()])
-        return emb.view(*node_start.shape, -1)
+        hidden = self.last_token_states(flat_ids[packed.index], positions, packed.cu_seqlens, self._lower[0])
+        return self.base_model.model.norm(hidden).view(*node_start.shape, -1)
+
+    def last_token_states(self, token_ids, positions, cu_seqlens, layer):
+        """``[S, hidden]``: the hidden state of each (non-empty) segment's last token after ``layer``.
+
+        Equal to running ``layer`` on every token, at a fraction of the cost: a first pass computes
+        the keys/values of every token and stops at the attention; then the whole layer runs on the
+        last tokens only, each attending to its segment's captured keys/values.
+        """
+        idx = layer.self_attn.layer_idx
+        _, kv = self.encode_packed(token_ids, positions, cu_seqlens, [layer], capture_layers=[idx], stop_after=idx)
+        last = cu_seqlens[1:].long() - 1
+        keys, values = kv[idx]
+        hidden, _ = self.encode_packed(token_ids[last], positions[last], None, [layer],
+                                       keys_of=(keys, values, cu_seqlens, self.config.backend))
+        return hidden
 
     def _check_context(self, context_input_ids, context_lengths):
         if not isinstance(context_input_ids, torch.Tensor) or context_input_ids.dim() != 2:
