@@ -197,6 +197,8 @@ class SharedLLMForCausalLM(nn.Module):
         self.base_model = base_model
         self._state = InjectionState(self)
         self._rotary_cache: dict = {}
+        # rotary variants such as YaRN scale cos/sin by this factor, meant to reach q and k once each
+        self._attention_scaling = float(getattr(base_model.model.rotary_emb, "attention_scaling", 1.0) or 1.0)
         self._trained_base_layers: list[int] = []
         M = config.num_injected_layers
         layers = base_model.model.layers
@@ -395,7 +397,8 @@ class SharedLLMForCausalLM(nn.Module):
     # attention to the context
 
     def rotary_table(self, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The base model's rotary ``(cos, sin)``, float32 ``[>= size, D]``, for positions ``0..size-1``."""
+        """The base model's rotary ``(cos, sin)``, float32 ``[>= size, D]``, for positions ``0..size-1``,
+        without its attention scaling (a pure rotation: it is applied on top of rotated keys)."""
         key = torch.device(device)
         cached = self._rotary_cache.get(key)
         if cached is None or cached[0].shape[0] < size:
@@ -403,7 +406,8 @@ class SharedLLMForCausalLM(nn.Module):
             probe = torch.zeros(1, 1, dtype=torch.float32, device=key)
             with torch.no_grad():
                 cos, sin = self.base_model.model.rotary_emb(probe, torch.arange(n, device=key)[None])
-            cached = self._rotary_cache[key] = (cos[0].float(), sin[0].float())
+            scale = self._attention_scaling
+            cached = self._rotary_cache[key] = (cos[0].float() / scale, sin[0].float() / scale)
         return cached
 
     def context_attention(self, q: torch.Tensor, ctx: CompressedContext, layer_idx: int, scaling: float):
@@ -433,10 +437,13 @@ class SharedLLMForCausalLM(nn.Module):
         attn = self.base_model.model.layers[layer_idx].self_attn
         B, L, _ = y.shape
         q = block.q_c(block.norm_c(y)).view(B, L, -1, attn.head_dim)
+        scaling = attn.scaling
         if self.config.positions == "true":
-            cos, sin = position_embeddings
+            cos, sin = position_embeddings  # scaled: q gets the rotary attention scaling like the keys
             q = q * cos[:, :, None] + rotate_half(q) * sin[:, :, None]
-        out, _ = self.context_attention(q, self._state.context_for(B), layer_idx, attn.scaling)
+        else:
+            scaling = scaling * self._attention_scaling  # the Eq. 2 rotation is a pure rotation
+        out, _ = self.context_attention(q, self._state.context_for(B), layer_idx, scaling)
         return block.o_c(out.view(B, L, -1).to(y.dtype))
 
     # ------------------------------------------------------------------------------------------
@@ -512,6 +519,24 @@ class SharedLLMForCausalLM(nn.Module):
                                        keys_of=(keys, values, cu_seqlens, self.config.backend))
         return hidden
 
+    def _check_query(self, query_input_ids, query_attention_mask, batch: int) -> None:
+        if not isinstance(query_input_ids, torch.Tensor) or query_input_ids.dim() != 2:
+            raise ValueError("query_input_ids must be an integer tensor [B, L]")
+        if query_input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"query_input_ids must be int64 (or int32) token ids, got {query_input_ids.dtype}")
+        if query_input_ids.device != self.device:
+            raise ValueError(f"query_input_ids is on {query_input_ids.device} but the model is on {self.device}")
+        if query_input_ids.shape[0] != batch:
+            raise ValueError(f"query_input_ids has batch {query_input_ids.shape[0]}, the context has {batch}")
+        if query_attention_mask is not None:
+            if not isinstance(query_attention_mask, torch.Tensor) or query_attention_mask.shape != query_input_ids.shape:
+                raise ValueError(
+                    f"query_attention_mask must have the shape of query_input_ids {tuple(query_input_ids.shape)}, got "
+                    f"{getattr(query_attention_mask, 'shape', type(query_attention_mask).__name__)}"
+                )
+            if query_attention_mask.device != self.device:
+                raise ValueError(f"query_attention_mask is on {query_attention_mask.device} but the model is on {self.device}")
+
     def _check_context(self, context_input_ids, context_lengths):
         if not isinstance(context_input_ids, torch.Tensor) or context_input_ids.dim() != 2:
             raise ValueError("context_input_ids must be an integer tensor [B, Lc]")
@@ -571,8 +596,7 @@ class SharedLLMForCausalLM(nn.Module):
             noise = cfg.split_noise_std if self.training else 0.0
             node_start, node_len = C.tree_node_spans(chunks.length[which], h, noise)
             if cfg.retrieval == "query" and query_input_ids is not None:
-                if query_input_ids.shape[0] != B:
-                    raise ValueError(f"query_input_ids has batch {query_input_ids.shape[0]}, the context has {B}")
+                self._check_query(query_input_ids, query_attention_mask, B)
                 with torch.no_grad():
                     query = self._retrieval_query(query_input_ids, query_attention_mask, lengths)
                     emb = self._node_embeddings(flat_ids, Lc, chunks, which, node_start, node_len)
