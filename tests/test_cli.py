@@ -51,3 +51,44 @@ def test_python_dash_m_runs_the_cli():
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "cross_inject_attention" in result.stdout
+
+
+def _perplexity_rows(out: str) -> dict[str, float]:
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[1].replace(".", "", 1).isdigit():
+            rows[cells[0]] = float(cells[1])
+    return rows
+
+
+def test_model_demo_prints_sizes_stages_table_and_continuation(capsys):
+    """The real SmolLM2 on a short slice of inspect.py (the full demo takes minutes)."""
+    assert main(["demo", "--max-tokens", "640", "--window", "256", "--last", "64", "--chunk-size", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "384 tokens in 3 chunks" in out  # 640 - 256 tokens of context
+    for stage in ("retrieve", "encode", "pool", "inject", "decode"):
+        assert f"{stage} " in out
+    rows = _perplexity_rows(out)
+    names = " / ".join(rows)
+    assert any(n.startswith("window 256 only") for n in rows), names
+    assert any("uncompressed" in n for n in rows) and any("compressed 8x" in n for n in rows), names
+    assert any(n.startswith("full attention (640 tokens)") for n in rows), names
+    assert all(1.0 < ppl < 1000.0 for ppl in rows.values()), rows
+    assert "greedy continuation" in out
+
+
+def test_eval_ppl_on_a_text_file(tmp_path, capsys):
+    import inspect
+
+    text = tmp_path / "sample.py"
+    text.write_text(inspect.getsource(inspect))
+    assert main(["eval-ppl", "--text", str(text), "--max-tokens", "400", "--window", "200", "--last", "50",
+                 "--chunk-size", "64"]) == 0
+    rows = _perplexity_rows(capsys.readouterr().out)
+    assert len(rows) == 4 and all(1.0 < ppl < 1000.0 for ppl in rows.values()), rows
+
+
+def test_model_commands_reject_bad_windows():
+    with pytest.raises(SystemExit, match="--last"):
+        main(["demo", "--window", "64", "--last", "64"])
