@@ -88,8 +88,8 @@ def run_demo(args) -> int:
     model = SharedLLMForCausalLM.from_base(base, list(configs.values())[-1])
     try:
         decoder = ids[-args.window:].to(model.device)[None]
-        ctx = model.compress_context(ids[:-args.window].to(model.device)[None], None, query_input_ids=decoder)
-        out = model.generate(decoder, compressed_context=ctx, max_new_tokens=32, do_sample=False,
+        # the context compressed for the table: same weights and config, so it is reused as is
+        out = model.generate(decoder, compressed_context=compressed.context, max_new_tokens=32, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     finally:
         model.unwrap()

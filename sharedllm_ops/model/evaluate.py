@@ -45,6 +45,7 @@ class Row:
     perplexity: float
     seconds: float
     stats: dict = field(default_factory=dict)
+    context: object = None  # the CompressedContext of a SharedLLM row (reusable for generation)
 
 
 def peak_rss_gb() -> float:
@@ -56,8 +57,8 @@ def peak_rss_gb() -> float:
 def sharedllm_perplexity(model: SharedLLMForCausalLM, ids: torch.Tensor, window: int, last: int):
     """Perplexity of the last ``last`` tokens of ``ids [N]``: decoder on the last ``window``, the rest as context.
 
-    Returns ``(perplexity, stats)``: the compressed context's stats plus ``inject_s`` (the decoder
-    pass with injection minus the same pass without) and ``decode_s``.
+    Returns ``(perplexity, stats, context)``: the compressed context's stats plus ``inject_s`` (the
+    decoder pass with injection minus the same pass without) and ``decode_s``, and the context.
     """
     if not 1 <= last < window < ids.numel():
         raise ValueError(f"need 1 <= last < window < len(ids), got last={last}, window={window}, N={ids.numel()}")
@@ -72,7 +73,7 @@ def sharedllm_perplexity(model: SharedLLMForCausalLM, ids: torch.Tensor, window:
     alone = time.perf_counter() - start
     nll = F.cross_entropy(logits[0, :-1].float(), decoder[0, -last:])
     stats = dict(ctx.stats, decode_s=alone, inject_s=max(with_context - alone, 0.0))
-    return math.exp(nll.item()), stats
+    return math.exp(nll.item()), stats, ctx
 
 
 def perplexity_table(base, ids: torch.Tensor, window: int = 512, last: int = 256, chunk_size: int = 1024,
@@ -87,8 +88,8 @@ def perplexity_table(base, ids: torch.Tensor, window: int = 512, last: int = 256
         progress(name)
         start = time.perf_counter()
         result = fn()
-        ppl, stats = result if isinstance(result, tuple) else (result, {})
-        rows.append(Row(name, ppl, time.perf_counter() - start, stats))
+        ppl, stats, ctx = result if isinstance(result, tuple) else (result, {}, None)
+        rows.append(Row(name, ppl, time.perf_counter() - start, stats, ctx))
 
     timed(f"window {window} only", lambda: window_perplexity(base, ids, window, last))
     num_layers = len(base.model.layers)
