@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The one script for a lent GPU machine (no internet there; its torch is 2.11 with Python 3.12):
+# build the extension from source for the local GPU, run the GPU tests, then the benchmarks,
+# and leave logs and results under $OUT. Run from the repository root:
+#     OUT=/some/dir bash bench/gpu_check.sh
+# Not yet run on a GPU: the sessions so far had none. Model tests and benchmarks need
+# transformers; where it is missing they are skipped (see tests.log), carry a wheel to add it.
+set -uo pipefail
+OUT=${OUT:-bench/results/gpu}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)} CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+{ nvidia-smi; $PY -c 'import torch, sys; print(sys.version, torch.__version__, torch.version.cuda)'; } > "$OUT/machine.txt" 2>&1
+
+start=$SECONDS
+$PY setup.py --quiet build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "build failed, see build.log"; tail -30 "$OUT/build.log"; exit 1; }
+echo "build: $((SECONDS - start)) s"
+$PY -m sharedllm_ops info | tee "$OUT/info.txt"
+
+# the tests that touch the GPU (the CPU ones ran in CI), then the benchmarks
+$PY -m pytest tests -q -x -k "cuda or triton or gpu or model" > "$OUT/tests.log" 2>&1
+echo "tests: rc=$? ($(tail -1 "$OUT/tests.log"))"
+$PY -m pytest bench --benchmark-only -q -k "cuda or triton or gpu" --benchmark-json="$OUT/gpu.json" > "$OUT/bench.log" 2>&1
+echo "bench: rc=$? ($(tail -1 "$OUT/bench.log"))"
+$PY bench/report.py "$OUT/gpu.json" > "$OUT/gpu.md" 2>&1 && cat "$OUT/gpu.md"
+echo "total: $((SECONDS - start)) s"
