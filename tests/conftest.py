@@ -135,3 +135,13 @@ def run_twice(fn, *args, **kwargs):
 def assert_finite(t: torch.Tensor, what: str = "output") -> None:
     bad = (~torch.isfinite(t)).nonzero()
     assert bad.numel() == 0, f"{what} has {bad.shape[0]} non-finite elements, first at {bad[:3].tolist()}"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one intra-op thread, and then do not suffer from a busy machine's
+    thread contention. Opt-in per module (``pytestmark``): kernel tests keep the default threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

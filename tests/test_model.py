@@ -43,13 +43,7 @@ PAD, EOS = 0, 1
 LOGIT_TOL = dict(atol=2e-5, rtol=1e-5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread is fastest, and immune to a busy machine's thread contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_base(arch: str = "llama", seed: int = 0, **overrides) -> nn.Module:

@@ -33,15 +33,7 @@ from sharedllm_ops.model.text import (
 ARCHS = ("llama", "mistral", "qwen2")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Run this module on one intra-op thread: the tiny models gain nothing from threads, and on
-    a busy machine two OpenMP threads make each small forward ~50x slower (measured: 1.25 s vs
-    0.03 s); SmolLM2's few short forwards barely notice."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # --------------------------------------------------------------------------------------------
 # tiny random models
