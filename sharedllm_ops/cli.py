@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     model_demo.set_defaults(handler=lambda args: model_commands().run_demo(args))
     model_eval.set_defaults(handler=lambda args: model_commands().run_eval_ppl(args))
 
+    train = commands.add_parser("train", help="train SharedLLM's cross blocks on text (continual pre-training)")
+    add_train_arguments(train)
+    train.set_defaults(handler=lambda args: model_commands().run_train(args))
+
     demo = commands.add_parser("ops", help="run every op on every available backend, check and time it")
     demo.add_argument(
         "--device",
@@ -96,6 +100,26 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, demo: bool) -> None:
     parser.add_argument("--chunk-size", type=int, default=1024, help="context chunk length (default: 1024)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="model dtype (default: float32)")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``train``: each sets the TrainConfig field of the same name (defaults there)."""
+    parser.add_argument("--model", default=None, help="base model folder or .gguf (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--data", nargs="*", default=[],
+                        help="text files or folders (default: the standard-library training packages)")
+    parser.add_argument("--output", default="runs/sharedllm", help="checkpoint folder (default: runs/sharedllm)")
+    for name, kind in (("steps", int), ("batch-size", int), ("grad-accum", int), ("lr", float), ("warmup", int),
+                       ("weight-decay", float), ("context-tokens", int), ("min-context-tokens", int),
+                       ("decoder-tokens", int), ("top-layers", int), ("seed", int), ("save-every", int)):
+        parser.add_argument(f"--{name}", type=kind, default=None)
+    parser.add_argument("--trainable", choices=("cross", "cross+top"), default=None)
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None)
+    parser.add_argument("--no-resume", action="store_true", help="start afresh even if --output has checkpoints")
+    parser.add_argument("--config", default=None, help="SharedLLMConfig fields as JSON, e.g. '{\"num_injected_layers\": 4}'")
+    parser.add_argument("--eval-modules", nargs="*", default=None,
+                        help="standard-library modules for the final perplexity table (default: text.EVAL_MODULES; none: skip)")
+    parser.add_argument("--eval-full", action="store_true", help="also full attention in the final table (slow)")
 
 
 def model_commands():

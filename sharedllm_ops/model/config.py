@@ -37,7 +37,8 @@ class SharedLLMConfig:
             chunks; the decoder starts at position 0) or ``"true"`` (context tokens keep their
             positions in the context and the decoder continues after it).
         cross_init: ``"copy"`` (cross blocks start as copies of the layer's input norm and q/o
-            projections) or ``"random"``.
+            projections), ``"copy_zero"`` (the same with ``o_c = 0``: the model starts exactly as
+            the base model and training only adds what the context brings) or ``"random"``.
         share_lower: the lower model shares the base model's weights (default); ``False`` copies
             its layers so that they can be trained apart.
         backend: backend of every sharedllm_ops op (``"auto"``, ``"reference"``, ``"cpp"``, ...).
@@ -78,7 +79,7 @@ class SharedLLMConfig:
         check_choice("retrieval", ("query", "right"))
         check_choice("injection", ("residual", "merge"))
         check_choice("positions", ("chunk", "true"))
-        check_choice("cross_init", ("copy", "random"))
+        check_choice("cross_init", ("copy", "copy_zero", "random"))
         check_choice("backend", BACKENDS)
         if not isinstance(self.split_noise_std, (int, float)) or not 0.0 <= self.split_noise_std < 0.5:
             raise ValueError(f"SharedLLMConfig.split_noise_std must be a float in [0, 0.5), got {self.split_noise_std!r}")

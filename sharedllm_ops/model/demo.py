@@ -124,4 +124,49 @@ def run_eval_ppl(args) -> int:
     return 0 if all_rows else 1
 
 
-__all__ = ["run_demo", "run_eval_ppl"]
+def run_train(args) -> int:
+    """``sharedllm-ops train``: build the TrainConfig from the options, train, then the held-out table."""
+    import dataclasses
+    import json
+
+    from .text import EVAL_MODULES
+    from .train import TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values["data"] = args.data
+    if args.config:
+        values["sharedllm"] = dict(TrainConfig().sharedllm, **json.loads(args.config))
+    cfg = TrainConfig(**values)
+    result = train(cfg, resume=not args.no_resume)
+    print(f"trained {len(result['losses'])} steps; last loss {result['losses'][-1]:.4f}; checkpoint {result['checkpoint']}")
+    modules = EVAL_MODULES if args.eval_modules is None else args.eval_modules
+    import torch.distributed as dist
+
+    if modules and (not dist.is_initialized() or dist.get_rank() == 0):
+        model = result["model"]
+        model.eval()
+        print(held_out_table(model, modules, full=args.eval_full))
+    return 0
+
+
+def held_out_table(model, modules, full: bool = False, window: int = 512, last: int = 256, max_tokens: int = 8192) -> str:
+    """Perplexity per held-out module: window only, the trained SharedLLM, full attention (if ``full``)."""
+    from .evaluate import sharedllm_perplexity
+    from .pretrained import load_base_model
+    from .text import full_perplexity, window_perplexity
+
+    _, tokenizer = load_base_model(None) if getattr(model, "_tokenizer", None) is None else (None, model._tokenizer)
+    base = model.base_model
+    lines = ["| module | window %d only | SharedLLM (trained, compressed) | full attention |" % window, "|---|---|---|---|"]
+    for name in modules:
+        ids = tokenize_text(tokenizer, module_text(name), max_tokens)
+        with model.injecting(None):
+            alone = window_perplexity(base, ids, window, last)
+            everything = full_perplexity(base, ids, last) if full else float("nan")
+        trained, _, _ = sharedllm_perplexity(model, ids, window, last)
+        lines.append(f"| {name} | {alone:.2f} | {trained:.2f} | {everything:.2f} |")
+    return "\n".join(lines)
+
+
+__all__ = ["held_out_table", "run_demo", "run_eval_ppl", "run_train"]

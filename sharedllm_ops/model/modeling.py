@@ -261,6 +261,10 @@ class SharedLLMForCausalLM(nn.Module):
         norm, q, o = (copy.deepcopy(m) for m in (layer.input_layernorm, attn.q_proj, attn.o_proj))
         for p in list(norm.parameters()) + list(q.parameters()) + list(o.parameters()):
             p.requires_grad_(True)
+        if init == "copy_zero":
+            with torch.no_grad():
+                for p in o.parameters():
+                    p.zero_()
         if init == "random":
             std = 0.02
             with torch.no_grad():

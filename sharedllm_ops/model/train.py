@@ -1,0 +1,270 @@
+"""``sharedllm-ops train``: continual pre-training of SharedLLM's cross blocks, as in the paper.
+
+Samples are windows of a token stream made from the training texts: ``context`` tokens (the
+compressed context) followed by ``decoder`` tokens; the loss is next-token prediction on the
+decoder tokens. Split noise is on while training. AdamW with linear warm-up and cosine decay,
+gradient accumulation, bf16 autocast on GPU, optional activation checkpointing, checkpoints with
+``save_pretrained`` plus the trainer state (resume continues where it stopped), and a held-out
+perplexity table at the end. Deterministic given the seed: the samples of step ``s`` depend only
+on ``(seed, s)``, so a resumed run sees what an uninterrupted one would have.
+
+Under ``torchrun`` every rank takes its share of each global batch and the model is sharded
+with FSDP2 (``distributed.py``): the loss and updates equal the single-process run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import SharedLLMConfig
+from .modeling import SharedLLMForCausalLM
+
+STATE_NAME = "trainer_state.pt"
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (saved with each checkpoint)."""
+
+    model: str | None = None  # base model path; None = the embedded SmolLM2-135M
+    data: list = field(default_factory=list)  # files or folders; empty = the standard-library training packages
+    output: str = "runs/sharedllm"
+    steps: int = 200
+    batch_size: int = 1  # sequences per micro-batch per process
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    context_tokens: int = 4096  # longest context of a sample
+    min_context_tokens: int = 1024  # shortest (each sample draws its length in between)
+    decoder_tokens: int = 512
+    trainable: str = "cross"  # "cross" | "cross+top"
+    top_layers: int = 0
+    seed: int = 0
+    save_every: int = 50
+    log_every: int = 1
+    activation_checkpointing: bool = False
+    dtype: str = "float32"  # weights; on GPU the forward also runs under bf16 autocast
+    sharedllm: dict = field(default_factory=lambda: dict(
+        num_injected_layers=4, chunk_size=1024, tree_depth=3, tokens_per_node=32, split_noise_std=0.2,
+        injection="residual", positions="chunk", cross_init="copy_zero"))
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "decoder_tokens", "save_every", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        if not 0 <= self.min_context_tokens <= self.context_tokens:
+            raise ValueError("need 0 <= min_context_tokens <= context_tokens, got "
+                             f"{self.min_context_tokens} and {self.context_tokens}")
+        if self.trainable not in ("cross", "cross+top"):
+            raise ValueError(f"TrainConfig.trainable must be 'cross' or 'cross+top', got {self.trainable!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
+
+
+def text_files(paths) -> list[Path]:
+    """The training files: ``paths`` (files, or folders searched for text and source files), sorted."""
+    if not paths:
+        from .text import training_files
+
+        return training_files()
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"training data {p} does not exist")
+    if not files:
+        raise ValueError(f"no text files found in {list(map(str, paths))}")
+    return files
+
+
+def token_stream(tokenizer, files) -> torch.Tensor:
+    """int64 ``[N]``: every file's tokens, separated by the end-of-sequence token."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    parts = []
+    for f in files:
+        ids = tokenizer(f.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False,
+                        verbose=False)["input_ids"]
+        parts.append(torch.tensor(ids + [eos], dtype=torch.long))
+    return torch.cat(parts)
+
+
+def draw_batch(stream: torch.Tensor, cfg: TrainConfig, step: int, micro: int, rank: int):
+    """The samples of one micro-batch of one process: ``(context [b, Lc], context_lengths [b], decoder [b, Ld])``.
+
+    The global batch of (step, micro) is drawn from ``(seed, step, micro)`` alone and split by rank."""
+    world_rows = cfg.batch_size * max(1, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + micro)
+    span = cfg.context_tokens + cfg.decoder_tokens
+    if stream.numel() <= span:
+        raise ValueError(f"the training text has {stream.numel()} tokens, fewer than one sample ({span})")
+    starts = torch.randint(0, stream.numel() - span, (world_rows,), generator=g)
+    lengths = torch.randint(cfg.min_context_tokens, cfg.context_tokens + 1, (world_rows,), generator=g)
+    rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+    starts, lengths = starts[rows], lengths[rows]
+    context = torch.zeros(cfg.batch_size, max(cfg.context_tokens, 1), dtype=torch.long)
+    decoder = torch.empty(cfg.batch_size, cfg.decoder_tokens, dtype=torch.long)
+    for i, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        # the context ends where the decoder starts: the decoder continues the text
+        first = s + cfg.context_tokens - n
+        context[i, :n] = stream[first : first + n]
+        decoder[i] = stream[s + cfg.context_tokens : s + span]
+    return context, lengths, decoder
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 10% at ``steps``."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def latest_checkpoint(output: str | os.PathLike) -> Path | None:
+    steps = sorted(Path(output).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    complete = [p for p in steps if (p / STATE_NAME).is_file()]
+    return complete[-1] if complete else None
+
+
+def train(cfg: TrainConfig, *, base=None, tokenizer=None, resume: bool = True, progress: bool = True) -> dict:
+    """Runs (or resumes) a training run; returns ``{"losses": [...per step...], "model": model, "checkpoint": path}``.
+
+    ``base``/``tokenizer`` may be given (tests); otherwise ``cfg.model`` is loaded."""
+    from . import distributed as D
+
+    env = D.init_distributed()
+    torch.manual_seed(cfg.seed)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    if base is None:
+        from .pretrained import load_base_model
+
+        base, tokenizer = load_base_model(cfg.model, dtype=dtype, device=env.device)
+    stream = token_stream(tokenizer, text_files(cfg.data))
+    output = Path(cfg.output)
+    checkpoint = latest_checkpoint(output) if resume else None
+    if checkpoint is not None:
+        model = SharedLLMForCausalLM.from_pretrained(checkpoint, base)
+    else:
+        model = SharedLLMForCausalLM.from_base(base, SharedLLMConfig(**cfg.sharedllm))
+    model.set_trainable(cfg.trainable, cfg.top_layers)
+    if cfg.activation_checkpointing:
+        if env.distributed:
+            raise ValueError("activation_checkpointing is not supported together with FSDP here")
+        model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if env.distributed:
+        D.shard_model(model, device=env.device)
+    params = D.trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    start_step, losses = 0, []
+    if checkpoint is not None:
+        state = torch.load(checkpoint / STATE_NAME, weights_only=False)
+        if env.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, losses = state["step"], state["losses"]
+    model.train()
+
+    bar = None
+    if progress and env.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" else _nothing()
+    tokens_done, started = 0, time.perf_counter()
+    for step in range(start_step, cfg.steps):
+        torch.manual_seed(cfg.seed * 7919 + step)  # split noise of this step
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            context, lengths, decoder = draw_batch(stream, cfg, step, micro, env.rank)
+            context, lengths, decoder = context.to(env.device), lengths.to(env.device), decoder.to(env.device)
+            with autocast:
+                out = model(decoder, context_input_ids=context, context_lengths=lengths, labels=decoder)
+            (out.loss / cfg.grad_accum).backward()
+            step_loss += out.loss.detach().float() / cfg.grad_accum
+            tokens_done += decoder.numel() + int(lengths.sum())
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = float(D.all_reduce_mean(step_loss))
+        losses.append(loss)
+        if bar is not None:
+            bar.update(1)
+            if (step + 1) % cfg.log_every == 0:
+                rate = tokens_done * env.world_size / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{rate:.0f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            checkpoint = save_checkpoint(model, optimizer, scheduler, cfg, step + 1, losses, env)
+    if bar is not None:
+        bar.close()
+    return {"losses": losses, "model": model, "checkpoint": checkpoint}
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def save_checkpoint(model, optimizer, scheduler, cfg: TrainConfig, step: int, losses: list, env) -> Path:
+    """``output/step-N``: the injector (``save_pretrained`` format), the run's config and the trainer state."""
+    from . import distributed as D
+
+    folder = Path(cfg.output) / f"step-{step}"
+    weights = D.full_injector_state_dict(model) if env.distributed else None
+    optim_state = optimizer.state_dict()
+    if env.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                        cpu_offload=True))
+    if env.is_main:
+        inner = model
+        if weights is None:
+            inner.save_pretrained(folder)
+        else:
+            _save_injector(inner, weights, folder)
+        with open(folder / "train_config.json", "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        torch.save({"step": step, "losses": losses, "optimizer": optim_state, "scheduler": scheduler.state_dict()},
+                   folder / (STATE_NAME + ".tmp"))
+        os.replace(folder / (STATE_NAME + ".tmp"), folder / STATE_NAME)  # the marker of a complete checkpoint
+    if env.distributed:
+        torch.distributed.barrier()
+    return folder
+
+
+def _save_injector(model: SharedLLMForCausalLM, weights: dict, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    from .modeling import WEIGHTS_NAME
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save(folder)
+    meta = {"trained_base_layers": ",".join(map(str, model._trained_base_layers))}
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, folder / WEIGHTS_NAME, metadata=meta)
+
+
+__all__ = ["TrainConfig", "draw_batch", "latest_checkpoint", "lr_factor", "save_checkpoint", "text_files",
+           "token_stream", "train"]
