@@ -74,6 +74,8 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     packages=find_packages(include=["sharedllm_ops", "sharedllm_ops.*"]),
+    # the trained injectors shipped with the package (config + safetensors)
+    package_data={"sharedllm_ops.model": ["injectors/*/*.json", "injectors/*/*.safetensors"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -14,9 +14,10 @@ import torch
 
 from .evaluate import format_table, peak_rss_gb, perplexity_table, training_free_configs
 from .modeling import SharedLLMForCausalLM
-from .pretrained import load_base_model
+from .pretrained import load_base_model, shipped_injector
 from .text import module_text, stdlib_dir, tokenize_text
 
+TRAINED_ROW = "SharedLLM (trained, compressed)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -70,10 +71,13 @@ def run_demo(args) -> int:
           f"{args.window} in the decoder window; perplexity of the last {args.last}", flush=True)
 
     configs = training_free_configs(len(base.model.layers), args.chunk_size)
+    trained = shipped_injector() if args.model is None else None
+    if trained is not None:  # the cross blocks we trained for the embedded SmolLM2 (sharedllm-ops train)
+        configs[TRAINED_ROW] = trained
     step, done = _progress(len(configs) + 2, "perplexity")
     rows = perplexity_table(base, ids, args.window, args.last, args.chunk_size, progress=step, configs=configs)
     done()
-    compressed = rows[len(configs)]  # the last SharedLLM row: the paper's compressed tree
+    compressed = next(r for r in rows if r.name.endswith("compressed 8x"))  # the training-free tree
     s = compressed.stats
     print(f"\ncontext  {s['context_tokens']} tokens in {s['chunks']} chunks -> {s['nodes']} preserved nodes -> "
           f"{s['compressed_tokens']} key/value rows per layer ({s['context_tokens'] / max(s['compressed_tokens'], 1):.1f}x)")
@@ -84,17 +88,23 @@ def run_demo(args) -> int:
     print()
     print(format_table(rows))
 
-    # a greedy continuation of the decoder window with the compressed context
-    model = SharedLLMForCausalLM.from_base(base, list(configs.values())[-1])
+    # a greedy continuation of the decoder window with the compressed context (the trained one if shipped)
+    row = next(r for r in rows if r.name == TRAINED_ROW) if trained is not None else compressed
+    source = configs[row.name]
+    if trained is not None:
+        model = SharedLLMForCausalLM.from_pretrained(source, base)
+        model.eval()
+    else:
+        model = SharedLLMForCausalLM.from_base(base, source)
     try:
         decoder = ids[-args.window:].to(model.device)[None]
         # the context compressed for the table: same weights and config, so it is reused as is
-        out = model.generate(decoder, compressed_context=compressed.context, max_new_tokens=32, do_sample=False,
+        out = model.generate(decoder, compressed_context=row.context, max_new_tokens=32, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     finally:
         model.unwrap()
     tail = tokenizer.decode(ids[-args.window:][-40:])
-    print(f"\ngreedy continuation (32 tokens, compressed context) of ...{tail!r}:\n{tokenizer.decode(out[0, args.window:])!r}")
+    print(f"\ngreedy continuation (32 tokens, {row.name}) of ...{tail!r}:\n{tokenizer.decode(out[0, args.window:])!r}")
     return 0
 
 
@@ -145,7 +155,13 @@ def run_train(args) -> int:
 
     if modules and (not dist.is_initialized() or dist.get_rank() == 0):
         model = result["model"]
+        if dist.is_initialized():
+            # the trained model is sharded (FSDP) and rank 0 evaluates alone: an unsharded copy from the checkpoint
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+            base, _ = load_base_model(cfg.model, dtype=DTYPES[cfg.dtype], device=device)
+            model = SharedLLMForCausalLM.from_pretrained(result["checkpoint"], base)
         model.eval()
+        model._tokenizer = result["tokenizer"]  # the trained model's, not the default SmolLM2's
         print(held_out_table(model, modules, full=args.eval_full))
     return 0
 
@@ -153,7 +169,7 @@ def run_train(args) -> int:
 def held_out_table(model, modules, full: bool = False, window: int = 512, last: int = 256, max_tokens: int = 8192) -> str:
     """Perplexity per held-out module: window only, the trained SharedLLM, full attention (if ``full``)."""
     from .evaluate import sharedllm_perplexity
-    from .pretrained import load_base_model
+    from .pretrained import load_base_model, shipped_injector
     from .text import full_perplexity, window_perplexity
 
     _, tokenizer = load_base_model(None) if getattr(model, "_tokenizer", None) is None else (None, model._tokenizer)

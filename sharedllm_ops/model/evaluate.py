@@ -80,6 +80,8 @@ def perplexity_table(base, ids: torch.Tensor, window: int = 512, last: int = 256
                      progress=None, configs: dict | None = None) -> list[Row]:
     """Every row of the module docstring for one text's token ids ``[N]``; ``base`` is left unwrapped.
 
+    ``configs``: row name -> SharedLLMConfig, or the folder of a trained injector (``save_pretrained``).
+
     ``progress(name)`` is called before each row (for a progress bar)."""
     progress = progress or (lambda name: None)
     rows = []
@@ -94,7 +96,11 @@ def perplexity_table(base, ids: torch.Tensor, window: int = 512, last: int = 256
     timed(f"window {window} only", lambda: window_perplexity(base, ids, window, last))
     num_layers = len(base.model.layers)
     for name, config in (configs or training_free_configs(num_layers, chunk_size)).items():
-        model = SharedLLMForCausalLM.from_base(base, config)
+        if isinstance(config, SharedLLMConfig):
+            model = SharedLLMForCausalLM.from_base(base, config)
+        else:  # a folder written by save_pretrained: a trained injector
+            model = SharedLLMForCausalLM.from_pretrained(config, base)
+            model.eval()
         try:
             timed(name, lambda: sharedllm_perplexity(model, ids, window, last))
         finally:

@@ -257,3 +257,10 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
                     # std 0.5: large enough that a missing bias changes the logits clearly
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     return model.eval()
+
+
+def shipped_injector(name: str = "smollm2-135m-instruct") -> Path | None:
+    """The folder of an injector trained by us and shipped in the package (``save_pretrained``
+    format), or None if this installation has none of that name."""
+    folder = Path(__file__).resolve().parent / "injectors" / name
+    return folder if (folder / "sharedllm_config.json").is_file() else None

@@ -141,7 +141,8 @@ def latest_checkpoint(output: str | os.PathLike) -> Path | None:
 
 
 def train(cfg: TrainConfig, *, base=None, tokenizer=None, resume: bool = True, progress: bool = True) -> dict:
-    """Runs (or resumes) a training run; returns ``{"losses": [...per step...], "model": model, "checkpoint": path}``.
+    """Runs (or resumes) a training run; returns ``{"losses": [...per step...], "model": model, "checkpoint": path,
+    "tokenizer": tokenizer}``.
 
     ``base``/``tokenizer`` may be given (tests); otherwise ``cfg.model`` is loaded."""
     from . import distributed as D
@@ -173,12 +174,11 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, resume: bool = True, p
     start_step, losses = 0, []
     if checkpoint is not None:
         state = torch.load(checkpoint / STATE_NAME, weights_only=False)
-        if env.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(state["optimizer"])
+        # keyed by parameter name, so that a checkpoint of any world size resumes under any other
+        set_optimizer_state_dict(model, optimizer, _optimizer_state_by_name(model, state["optimizer"]),
+                                 options=StateDictOptions(full_state_dict=env.distributed))
         scheduler.load_state_dict(state["scheduler"])
         start_step, losses = state["step"], state["losses"]
     model.train()
@@ -216,7 +216,18 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, resume: bool = True, p
             checkpoint = save_checkpoint(model, optimizer, scheduler, cfg, step + 1, losses, env)
     if bar is not None:
         bar.close()
-    return {"losses": losses, "model": model, "checkpoint": checkpoint}
+    return {"losses": losses, "model": model, "checkpoint": checkpoint, "tokenizer": tokenizer}
+
+
+def _optimizer_state_by_name(model, state: dict) -> dict:
+    """A single-process ``optimizer.state_dict()`` (parameters numbered in the optimizer's order:
+    the trainable parameters in ``named_parameters`` order) keyed by parameter name, as the FSDP
+    checkpoints' (``get_optimizer_state_dict``) are; a state keyed by name is returned as it is."""
+    if not any(isinstance(i, int) for group in state["param_groups"] for i in group["params"]):
+        return state
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return {"state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]}
 
 
 class _nothing:
