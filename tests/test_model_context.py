@@ -277,3 +277,18 @@ def test_attention_with_lse_fully_masked_row_gives_zero_and_minus_inf():
     assert torch.isfinite(out).all()
     assert torch.equal(out[0, 1], torch.zeros(2, 4))
     assert bool(torch.isneginf(lse[0, 1]).all()) and bool(torch.isfinite(lse[0, [0, 2]]).all())
+
+
+def test_keyed_split_noise_depends_on_the_key_alone():
+    lens = torch.tensor([64, 100, 37, 64])
+    keys = torch.tensor([5, 6, 7, 5])
+    start, length = C.tree_node_spans(lens, 3, 0.3, keys)
+    # rows 0 and 3 have the same key and length: the same spans; alone, row 1 gets its spans again
+    assert torch.equal(start[0], start[3]) and torch.equal(length[0], length[3])
+    alone = C.tree_node_spans(lens[1:2], 3, 0.3, keys[1:2])
+    assert torch.equal(alone[0][0], start[1]) and torch.equal(alone[1][0], length[1])
+    # the noise does move the splits away from the noise-free ones, and keeps every node non-empty
+    clean = C.tree_node_spans(lens, 3, 0.0)
+    assert not torch.equal(start, clean[0]) and bool((length > 0).all())
+    z = C.keyed_normal(torch.arange(20000))
+    assert abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 1.0) < 0.05

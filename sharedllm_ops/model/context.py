@@ -43,8 +43,30 @@ def chunk_layout(context_lengths: torch.Tensor, chunk_size: int) -> ChunkLayout:
     return ChunkLayout(row, index, start, length, num_chunks)
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """Wang's 32-bit integer hash on int64 tensors (values in [0, 2^32)); multipliers < 2^31 keep
+    every product inside int64."""
+    x = ((x ^ 61) ^ (x >> 16)) & _MASK32
+    x = (x * 9) & _MASK32
+    x = x ^ (x >> 4)
+    x = (x * 0x27D4EB2D) & _MASK32
+    return x ^ (x >> 15)
+
+
+def keyed_normal(keys: torch.Tensor) -> torch.Tensor:
+    """float64 standard normal draws, one per int64 key, that depend on the key alone (Box-Muller on
+    two hashed uniforms): the same sample gets the same noise in any batch and on any rank."""
+    k = _hash32(keys & _MASK32) ^ _hash32((keys >> 32) & _MASK32)
+    u1 = (_hash32(k * 2 & _MASK32).double() + 0.5) / 2**32
+    u2 = (_hash32((k * 2 + 1) & _MASK32).double() + 0.5) / 2**32
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
+
+
 def tree_node_spans(
-    chunk_lens: torch.Tensor, depth: int, split_noise_std: float = 0.0
+    chunk_lens: torch.Tensor, depth: int, split_noise_std: float = 0.0, noise_keys: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(start, length)`` int64 ``[C, T]`` of the ``T`` non-root nodes of each chunk's binary tree, in level order.
 
@@ -52,7 +74,9 @@ def tree_node_spans(
     ``tree_spans``, DESIGN 3.2). With noise (training), each node of length ``n`` is split at
     ``n//2 - round(eps)``, ``eps ~ N(0, (split_noise_std * n)^2)`` (the paper's split noise), clamped
     so that every node keeps at least one token per leaf below it. Chunks must have at least
-    ``2**depth`` tokens.
+    ``2**depth`` tokens. ``noise_keys`` (int64 ``[C]``, e.g. from a sample's seed and the chunk
+    index) make each chunk's noise a function of its key (:func:`keyed_normal`) instead of a draw
+    from torch's global generator.
     """
     L = chunk_lens.long()[:, None]
     starts, lengths = [], []
@@ -61,7 +85,12 @@ def tree_node_spans(
         if split_noise_std > 0:
             left, right = bounds[:, :-1], bounds[:, 1:]
             size = right - left
-            eps = torch.randn(size.shape, device=L.device) * (split_noise_std * size.double())
+            if noise_keys is None:
+                z = torch.randn(size.shape, device=L.device, dtype=torch.float64)
+            else:  # one key per (chunk, level, node): node j of level l-1 is the split of id 2^(l-1) + j
+                node = 2 ** (level - 1) + torch.arange(size.shape[1], device=L.device)
+                z = keyed_normal(noise_keys.long()[:, None] * 64 + node[None, :])
+            eps = z * (split_noise_std * size.double())
             min_part = 2 ** (depth - level)  # each child must still hold one token per leaf below it
             mid = left + size // 2 - torch.round(eps).long()
             mid = torch.minimum(torch.maximum(mid, left + min_part), right - min_part)
@@ -203,6 +232,7 @@ __all__ = [
     "chunk_layout",
     "compressed_row_sources",
     "compressed_rows",
+    "keyed_normal",
     "num_tree_nodes",
     "pack_segments",
     "preserved_nodes",

@@ -574,6 +574,7 @@ class SharedLLMForCausalLM(nn.Module):
         context_lengths=None,
         query_input_ids: torch.Tensor | None = None,
         query_attention_mask: torch.Tensor | None = None,
+        split_noise_seeds: torch.Tensor | None = None,
     ) -> CompressedContext:
         """Compresses a batch of contexts for injection.
 
@@ -582,6 +583,8 @@ class SharedLLMForCausalLM(nn.Module):
             context_lengths: ``[B]`` true lengths (0 = no context for that row); default ``Lc``.
             query_input_ids, query_attention_mask: ``[B, L]``: the question whose last token drives
                 ``retrieval="query"``. Without it the right child is expanded (as ``"right"``).
+            split_noise_seeds: int64 ``[B]``, one per sequence: its training split noise becomes a
+                function of the seed (the same in any batch, on any rank) instead of a global draw.
 
         Returns:
             a :class:`CompressedContext` for ``forward(..., compressed_context=)`` or ``generate``.
@@ -598,7 +601,13 @@ class SharedLLMForCausalLM(nn.Module):
         node_start = node_len = node_ids = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         if which.numel():
             noise = cfg.split_noise_std if self.training else 0.0
-            node_start, node_len = C.tree_node_spans(chunks.length[which], h, noise)
+            keys = None
+            if noise and split_noise_seeds is not None:
+                seeds = torch.as_tensor(split_noise_seeds, device=self.device).long()
+                if seeds.shape != (B,):
+                    raise ValueError(f"split_noise_seeds must have shape [B={B}], got {tuple(seeds.shape)}")
+                keys = (seeds[chunks.row[which]] * 1_000_003 + chunks.index[which]) & ((1 << 62) - 1)
+            node_start, node_len = C.tree_node_spans(chunks.length[which], h, noise, keys)
             if cfg.retrieval == "query" and query_input_ids is not None:
                 self._check_query(query_input_ids, query_attention_mask, B)
                 with torch.no_grad():
@@ -657,7 +666,8 @@ class SharedLLMForCausalLM(nn.Module):
     # ------------------------------------------------------------------------------------------
     # running
 
-    def _context_for_call(self, input_ids, attention_mask, context_input_ids, context_lengths, compressed_context):
+    def _context_for_call(self, input_ids, attention_mask, context_input_ids, context_lengths, compressed_context,
+                          split_noise_seeds=None):
         if compressed_context is not None and context_input_ids is not None:
             raise ValueError("pass either compressed_context or context_input_ids, not both")
         if compressed_context is not None:
@@ -674,7 +684,7 @@ class SharedLLMForCausalLM(nn.Module):
             raise ValueError(
                 f"input_ids has batch {input_ids.shape[0]} but context_input_ids has batch {context_input_ids.shape[0]}"
             )
-        return self.compress_context(context_input_ids, context_lengths, input_ids, attention_mask)
+        return self.compress_context(context_input_ids, context_lengths, input_ids, attention_mask, split_noise_seeds)
 
     def forward(
         self,
@@ -684,13 +694,16 @@ class SharedLLMForCausalLM(nn.Module):
         context_lengths=None,
         labels: torch.Tensor | None = None,
         compressed_context: CompressedContext | None = None,
+        split_noise_seeds: torch.Tensor | None = None,
         **kwargs,
     ):
         """The base model's forward (same outputs: ``logits [B, L, V]``, ``loss``, cache) with the
         context injected. ``input_ids``/``attention_mask`` ``[B, L]`` are the decoder tokens;
         ``context_input_ids`` ``[B, Lc]`` right-padded with ``context_lengths`` ``[B]``, or a
-        ``compressed_context`` from :meth:`compress_context`. Other keyword arguments go to the base model."""
-        ctx = self._context_for_call(input_ids, attention_mask, context_input_ids, context_lengths, compressed_context)
+        ``compressed_context`` from :meth:`compress_context` (``split_noise_seeds``: see there).
+        Other keyword arguments go to the base model."""
+        ctx = self._context_for_call(input_ids, attention_mask, context_input_ids, context_lengths, compressed_context,
+                                     split_noise_seeds)
         with self.injecting(ctx):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 

@@ -104,7 +104,8 @@ def token_stream(tokenizer, files) -> torch.Tensor:
 
 
 def draw_batch(stream: torch.Tensor, cfg: TrainConfig, step: int, micro: int, rank: int):
-    """The samples of one micro-batch of one process: ``(context [b, Lc], context_lengths [b], decoder [b, Ld])``.
+    """The samples of one micro-batch of one process: ``(context [b, Lc], context_lengths [b], decoder [b, Ld],
+    split_noise_seeds [b])``.
 
     The global batch of (step, micro) is drawn from ``(seed, step, micro)`` alone and split by rank."""
     world_rows = cfg.batch_size * max(1, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
@@ -123,7 +124,9 @@ def draw_batch(stream: torch.Tensor, cfg: TrainConfig, step: int, micro: int, ra
         first = s + cfg.context_tokens - n
         context[i, :n] = stream[first : first + n]
         decoder[i] = stream[s + cfg.context_tokens : s + span]
-    return context, lengths, decoder
+    # one split-noise seed per sample of the global batch: its noise is the same on any rank
+    seeds = (cfg.seed * 1_000_003 + step) * 65_536 + micro * 4_096 + torch.arange(world_rows)
+    return context, lengths, decoder, seeds[rows]
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -191,13 +194,14 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, resume: bool = True, p
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" else _nothing()
     tokens_done, started = 0, time.perf_counter()
     for step in range(start_step, cfg.steps):
-        torch.manual_seed(cfg.seed * 7919 + step)  # split noise of this step
+        torch.manual_seed(cfg.seed * 7919 + step)  # anything random beyond the keyed split noise
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
-            context, lengths, decoder = draw_batch(stream, cfg, step, micro, env.rank)
+            context, lengths, decoder, seeds = draw_batch(stream, cfg, step, micro, env.rank)
             context, lengths, decoder = context.to(env.device), lengths.to(env.device), decoder.to(env.device)
             with autocast:
-                out = model(decoder, context_input_ids=context, context_lengths=lengths, labels=decoder)
+                out = model(decoder, context_input_ids=context, context_lengths=lengths, labels=decoder,
+                            split_noise_seeds=seeds)
             (out.loss / cfg.grad_accum).backward()
             step_loss += out.loss.detach().float() / cfg.grad_accum
             tokens_done += decoder.numel() + int(lengths.sum())
