@@ -145,3 +145,40 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a test's process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(worker, args: tuple, nprocs: int, timeout_s: float, what: str) -> float:
+    """Runs ``worker(rank, *args)`` in ``nprocs`` processes (forked where possible, so they reuse
+    this process's imports); fails the test on a timeout or a worker's error instead of hanging.
+    Returns the wall time."""
+    import time
+    import traceback
+
+    import torch.multiprocessing as mp
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    start = time.monotonic()
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method=method)
+    try:
+        while not context.join(timeout=max(0.1, start + timeout_s - time.monotonic())):
+            if time.monotonic() > start + timeout_s:
+                pytest.fail(f"{what} did not finish within {timeout_s} s (a collective mismatch or a stuck rank?)")
+    except mp.ProcessRaisedException as e:
+        pytest.fail(f"a worker of {what} failed:\n{e}")
+    except mp.ProcessExitedException as e:
+        pytest.fail(f"a worker of {what} died: {e}\n{traceback.format_exc()}")
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    return time.monotonic() - start

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import time
-import traceback
 
 import pytest
 import torch
@@ -35,6 +32,8 @@ if not (dist.is_available() and dist.is_gloo_available()):
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
 from sharedllm_ops import _ext  # noqa: E402
+
+from conftest import free_port, run_workers  # noqa: E402
 from sharedllm_ops.model import SharedLLMForCausalLM  # noqa: E402
 from sharedllm_ops.model import distributed as D  # noqa: E402
 
@@ -186,28 +185,9 @@ def generate_inputs(batch: dict) -> dict:
 def distributed_results(tmp_path_factory):
     """Runs every case in 2 processes once; returns the ranks' results and the wall time."""
     out_dir = tmp_path_factory.mktemp("fsdp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    elapsed = run_workers(_worker, (free_port(), str(out_dir)), WORLD_SIZE, TIMEOUT_S,
+                          f"the {WORLD_SIZE}-process FSDP run")
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    start = time.monotonic()
-    context = mp.start_processes(_worker, args=(port, str(out_dir)), nprocs=WORLD_SIZE, join=False,
-                                 start_method=method)
-    try:
-        while not context.join(timeout=max(0.1, start + TIMEOUT_S - time.monotonic())):
-            if time.monotonic() > start + TIMEOUT_S:
-                pytest.fail(f"the {WORLD_SIZE}-process FSDP run did not finish within {TIMEOUT_S} s "
-                            "(a collective mismatch or a rank stuck in one?)")
-    except mp.ProcessRaisedException as e:
-        pytest.fail(f"a worker failed:\n{e}")
-    except mp.ProcessExitedException as e:
-        pytest.fail(f"a worker died: {e}\n{traceback.format_exc()}")
-    finally:
-        for p in context.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    elapsed = time.monotonic() - start
     results = [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD_SIZE)]
     print(f"\n{WORLD_SIZE}-process FSDP run ({method}) of {len(CASES)} cases: {elapsed:.1f} s")
     return results, elapsed

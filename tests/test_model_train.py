@@ -18,12 +18,9 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
-import time
-import traceback
 from pathlib import Path
 
 import pytest
@@ -31,7 +28,8 @@ import torch
 
 pytest.importorskip("transformers")
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+
+from conftest import free_port, run_workers  # noqa: E402
 
 from sharedllm_ops.model import distributed as D  # noqa: E402
 from sharedllm_ops.model import train as T  # noqa: E402
@@ -115,12 +113,6 @@ def assert_losses_close(actual, expected, what: str) -> None:
 
 def saved_state(checkpoint: Path) -> dict:
     return torch.load(Path(checkpoint) / T.STATE_NAME, weights_only=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,24 +331,9 @@ def fsdp_results(data_dir, tmp_path_factory):
     refs["noise"] = run(fsdp_config(data_dir, out / "single-noise", **single))
     refs["noise"]["injector"] = injector(refs["noise"]["model"])
 
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    start = time.monotonic()
-    context = mp.start_processes(_worker, args=(free_port(), str(out), str(data_dir)), nprocs=WORLD_SIZE,
-                                 join=False, start_method=method)
-    try:
-        while not context.join(timeout=max(0.1, start + TIMEOUT_S - time.monotonic())):
-            if time.monotonic() > start + TIMEOUT_S:
-                pytest.fail(f"the {WORLD_SIZE}-process training did not finish within {TIMEOUT_S} s")
-    except mp.ProcessRaisedException as e:
-        pytest.fail(f"a worker failed:\n{e}")
-    except mp.ProcessExitedException as e:
-        pytest.fail(f"a worker died: {e}\n{traceback.format_exc()}")
-    finally:
-        for p in context.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    print(f"\n{WORLD_SIZE}-process training runs ({method}): {time.monotonic() - start:.1f} s")
+    elapsed = run_workers(_worker, (free_port(), str(out), str(data_dir)), WORLD_SIZE, TIMEOUT_S,
+                          f"the {WORLD_SIZE}-process training")
+    print(f"\n{WORLD_SIZE}-process training runs: {elapsed:.1f} s")
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(WORLD_SIZE)]
     return ranks, refs, out
 
