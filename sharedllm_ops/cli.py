@@ -94,6 +94,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, demo: bool) -> None:
         parser.add_argument("--module", default="inspect.py", help="standard-library module to read (default: inspect.py)")
     else:
         parser.add_argument("--text", nargs="+", required=True, type=Path, help="text files to evaluate on")
+    parser.add_argument("--injector", default=None,
+                        help="a trained injector folder (save_pretrained / train checkpoint): adds its row"
+                             + (" (default: the one shipped for the embedded SmolLM2)" if demo else ""))
     parser.add_argument("--max-tokens", type=int, default=8192, help="tokens taken from the start of each text (default: 8192)")
     parser.add_argument("--window", type=int, default=512, help="decoder window (default: 512)")
     parser.add_argument("--last", type=int, default=256, help="tokens scored at the end (default: 256)")

@@ -71,7 +71,7 @@ def run_demo(args) -> int:
           f"{args.window} in the decoder window; perplexity of the last {args.last}", flush=True)
 
     configs = training_free_configs(len(base.model.layers), args.chunk_size)
-    trained = shipped_injector() if args.model is None else None
+    trained = args.injector or (shipped_injector() if args.model is None else None)
     if trained is not None:  # the cross blocks we trained for the embedded SmolLM2 (sharedllm-ops train)
         configs[TRAINED_ROW] = trained
     step, done = _progress(len(configs) + 2, "perplexity")
@@ -113,6 +113,8 @@ def run_eval_ppl(args) -> int:
     base, tokenizer, load_s = _load(args)
     print(f"model    {_describe(base)}; loaded in {load_s:.1f} s", flush=True)
     configs = training_free_configs(len(base.model.layers), args.chunk_size)
+    if args.injector:
+        configs[TRAINED_ROW] = args.injector
     all_rows = {}
     for path in args.text:
         ids = tokenize_text(tokenizer, path.read_text(encoding="utf-8", errors="replace"), args.max_tokens)
