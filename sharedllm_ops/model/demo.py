@@ -171,19 +171,21 @@ def run_train(args) -> int:
 def held_out_table(model, modules, full: bool = False, window: int = 512, last: int = 256, max_tokens: int = 8192) -> str:
     """Perplexity per held-out module: window only, the trained SharedLLM, full attention (if ``full``)."""
     from .evaluate import sharedllm_perplexity
-    from .pretrained import load_base_model, shipped_injector
     from .text import full_perplexity, window_perplexity
 
     _, tokenizer = load_base_model(None) if getattr(model, "_tokenizer", None) is None else (None, model._tokenizer)
     base = model.base_model
-    lines = ["| module | window %d only | SharedLLM (trained, compressed) | full attention |" % window, "|---|---|---|---|"]
+    lines = [f"| module | window {window} only | SharedLLM (trained, compressed) | full attention | gap recovered |",
+             "|---|---|---|---|---|"]
     for name in modules:
         ids = tokenize_text(tokenizer, module_text(name), max_tokens)
         with model.injecting(None):
             alone = window_perplexity(base, ids, window, last)
             everything = full_perplexity(base, ids, last) if full else float("nan")
         trained, _, _ = sharedllm_perplexity(model, ids, window, last)
-        lines.append(f"| {name} | {alone:.2f} | {trained:.2f} | {everything:.2f} |")
+        # the share of the window-to-full-attention gap that the trained context closes
+        recovered = (alone - trained) / (alone - everything) if full and alone > everything else float("nan")
+        lines.append(f"| {name} | {alone:.2f} | {trained:.2f} | {everything:.2f} | {recovered:.0%} |")
     return "\n".join(lines)
 
 
