@@ -15,6 +15,7 @@ with FSDP2 (``distributed.py``): the loss and updates equal the single-process r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -109,7 +110,10 @@ def draw_batch(stream: torch.Tensor, cfg: TrainConfig, step: int, micro: int, ra
 
     The global batch of (step, micro) is drawn from ``(seed, step, micro)`` alone and split by rank."""
     world_rows = cfg.batch_size * max(1, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + micro)
+    # a hash, since torch's generator keeps only 32 bits of its seed: arithmetic keys would collide
+    digest = hashlib.sha256(f"{cfg.seed}/{step}/{micro}".encode()).digest()
+    sample_key = int.from_bytes(digest[:8], "little") >> 2  # 62 bits
+    g = torch.Generator().manual_seed(sample_key)
     span = cfg.context_tokens + cfg.decoder_tokens
     if stream.numel() <= span:
         raise ValueError(f"the training text has {stream.numel()} tokens, fewer than one sample ({span})")
@@ -125,7 +129,7 @@ def draw_batch(stream: torch.Tensor, cfg: TrainConfig, step: int, micro: int, ra
         context[i, :n] = stream[first : first + n]
         decoder[i] = stream[s + cfg.context_tokens : s + span]
     # one split-noise seed per sample of the global batch: its noise is the same on any rank
-    seeds = (cfg.seed * 1_000_003 + step) * 65_536 + micro * 4_096 + torch.arange(world_rows)
+    seeds = (sample_key + torch.arange(world_rows)) % 2**62
     return context, lengths, decoder, seeds[rows]
 
 
@@ -177,6 +181,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, resume: bool = True, p
     start_step, losses = 0, []
     if checkpoint is not None:
         state = torch.load(checkpoint / STATE_NAME, weights_only=False)
+        _warn_if_config_changed(checkpoint, cfg, state.get("world_size", 1), env.world_size)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         # keyed by parameter name, so that a checkpoint of any world size resumes under any other
@@ -234,6 +239,28 @@ def _optimizer_state_by_name(model, state: dict) -> dict:
             "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]}
 
 
+# what may change between a run and its resumption without changing what it computes
+_RESUMABLE_CHANGES = {"steps", "output", "save_every", "log_every"}
+
+
+def _warn_if_config_changed(checkpoint: Path, cfg: TrainConfig, saved_world: int, world: int) -> None:
+    """Resuming with other settings is allowed but rarely meant: say which ones differ (``steps``
+    may grow; note that it also stretches the cosine decay)."""
+    import warnings
+
+    saved_file = checkpoint / "train_config.json"
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text())
+    current = json.loads(json.dumps(dataclasses.asdict(cfg)))  # the same JSON types as the saved copy
+    changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES | {"batch_size"} and saved.get(k) != current[k])
+    if saved.get("batch_size", 0) * saved_world != cfg.batch_size * world:  # the global batch may be split anew
+        changed.append("batch_size x processes")
+    if changed:
+        warnings.warn(f"resuming {checkpoint} with settings that differ from its run: {changed} "
+                      "(the checkpoint's SharedLLM config is kept)", RuntimeWarning, stacklevel=3)
+
+
 class _nothing:
     def __enter__(self):
         return self
@@ -262,7 +289,8 @@ def save_checkpoint(model, optimizer, scheduler, cfg: TrainConfig, step: int, lo
             _save_injector(inner, weights, folder)
         with open(folder / "train_config.json", "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
-        torch.save({"step": step, "losses": losses, "optimizer": optim_state, "scheduler": scheduler.state_dict()},
+        torch.save({"step": step, "losses": losses, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                    "world_size": env.world_size},
                    folder / (STATE_NAME + ".tmp"))
         os.replace(folder / (STATE_NAME + ".tmp"), folder / STATE_NAME)  # the marker of a complete checkpoint
     if env.distributed:
