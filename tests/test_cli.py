@@ -74,6 +74,7 @@ def test_model_demo_prints_sizes_stages_table_and_continuation(capsys):
     assert any(n.startswith("window 256 only") for n in rows), names
     assert any("uncompressed" in n for n in rows) and any("compressed 8x" in n for n in rows), names
     assert any(n.startswith("full attention (640 tokens)") for n in rows), names
+    assert "SharedLLM (trained, compressed)" in rows, names  # the injector shipped for SmolLM2
     assert all(1.0 < ppl < 1000.0 for ppl in rows.values()), rows
     assert "greedy continuation" in out
 

@@ -308,3 +308,28 @@ def test_smollm2_window_perplexity_matches_design(smollm2):
     model, tokenizer, _, _, _ = smollm2
     ids = tokenize_text(tokenizer, module_text("inspect.py"), max_tokens=8192)
     assert window_perplexity(model, ids, window=512, last=256) == pytest.approx(7.72, rel=0.01)
+
+
+def test_the_shipped_injector_loads_and_changes_smollm2():
+    """The cross blocks trained for SmolLM2 (sharedllm-ops train) ship in the package and load."""
+    import json
+
+    from sharedllm_ops.model import SharedLLMForCausalLM
+    from sharedllm_ops.model.pretrained import shipped_injector
+
+    folder = shipped_injector()
+    assert folder is not None and (folder / "sharedllm_injector.safetensors").stat().st_size < 8e6
+    assert json.loads((folder / "train_config.json").read_text())["steps"] > 0
+    base, tokenizer = load_base_model()
+    model = SharedLLMForCausalLM.from_pretrained(folder, base).eval()
+    try:
+        assert model.config.injection == "residual" and model.config.tokens_per_node == 32
+        o_c = model.cross_blocks["0"].o_c.weight
+        assert float(o_c.abs().max()) > 0  # trained away from the zero initialisation
+        ids = torch.tensor(tokenizer("def f(x):\n    return x + 1\n" * 40)["input_ids"])
+        with torch.no_grad():
+            plain = base(ids[None, -32:]).logits
+            injected = model(ids[None, -32:], context_input_ids=ids[None, :-32]).logits
+        assert (plain - injected).abs().max() > 1e-3
+    finally:
+        model.unwrap()
