@@ -122,7 +122,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="SharedLLMConfig fields as JSON, e.g. '{\"num_injected_layers\": 4}'")
     parser.add_argument("--eval-modules", nargs="*", default=None,
                         help="standard-library modules for the final perplexity table (default: text.EVAL_MODULES; none: skip)")
-    parser.add_argument("--eval-full", action="store_true", help="also full attention in the final table (slow)")
+    parser.add_argument("--skip-full", action="store_true",
+                        help="leave full attention (slow) out of the final table; by default it is there where the text fits")
 
 
 def model_commands():
