@@ -484,39 +484,36 @@ def _manual_logits(model, twin, ctx, b, x):
     return twin.lm_head(m.norm(h))
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("injection,positions", [("residual", "chunk"), ("residual", "true"), ("merge", "chunk"),
-                                                 ("merge", "true")])
-def test_forward_equals_hand_written_sharedllm(arch, injection, positions):
-    model, twin = wrap(arch, num_injected_layers=2, chunk_size=16, tree_depth=2, tokens_per_node=3,
-                       injection=injection, positions=positions, cross_init="random")
+YARN = dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                             "rope_theta": 10000.0})
+INJECTIONS = [("residual", "chunk"), ("residual", "true"), ("merge", "chunk"), ("merge", "true")]
+
+
+def _check_against_hand_written(arch, injection, positions, **base_overrides):
+    model, twin = wrap(arch, base_overrides=base_overrides, num_injected_layers=2, chunk_size=16, tree_depth=2,
+                       tokens_per_node=3, injection=injection, positions=positions, cross_init="random")
     c, lens, x = tokens(2, 45, seed=30), torch.tensor([45, 21]), tokens(2, 7, seed=31)
     with torch.no_grad():
         ctx = model.compress_context(c, lens, query_input_ids=x)
         got = model(x, compressed_context=ctx).logits
         for b in range(2):
             close(got[b], _manual_logits(model, twin, ctx, b, x[b]), f"row {b}")
+    return twin
 
 
-YARN = dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
-                             "rope_theta": 10000.0})
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("injection,positions", INJECTIONS)
+def test_forward_equals_hand_written_sharedllm(arch, injection, positions):
+    _check_against_hand_written(arch, injection, positions)
 
 
-@pytest.mark.parametrize("injection,positions", [("residual", "chunk"), ("merge", "chunk"), ("residual", "true"),
-                                                 ("merge", "true")])
+@pytest.mark.parametrize("injection,positions", INJECTIONS)
 def test_forward_with_scaled_rope_equals_hand_written_sharedllm(injection, positions):
     """YaRN-scaled rotary tables carry a magnitude factor (``attention_scaling`` != 1) that the base
     model applies once to q and once to k. Eq. 2's extra rotations (keys at their chunk index, the
     cross-attention query at ``n``) must not apply it again."""
-    model, twin = wrap("llama", base_overrides=YARN, num_injected_layers=2, chunk_size=16, tree_depth=2,
-                       tokens_per_node=3, injection=injection, positions=positions, cross_init="random")
+    twin = _check_against_hand_written("llama", injection, positions, **YARN)
     assert twin.model.rotary_emb.attention_scaling > 1.1
-    c, lens, x = tokens(2, 45, seed=30), torch.tensor([45, 21]), tokens(2, 7, seed=31)
-    with torch.no_grad():
-        ctx = model.compress_context(c, lens, query_input_ids=x)
-        got = model(x, compressed_context=ctx).logits
-        for b in range(2):
-            close(got[b], _manual_logits(model, twin, ctx, b, x[b]), f"row {b}")
 
 
 # --------------------------------------------------------------------------------------------
