@@ -486,7 +486,7 @@ def _manual_logits(model, twin, ctx, b, x):
 
 YARN = dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
                              "rope_theta": 10000.0})
-INJECTIONS = [("residual", "chunk"), ("residual", "true"), ("merge", "chunk"), ("merge", "true")]
+INJECTION_POSITIONS = [("residual", "chunk"), ("residual", "true"), ("merge", "chunk"), ("merge", "true")]
 
 
 def _check_against_hand_written(arch, injection, positions, **base_overrides):
@@ -502,12 +502,12 @@ def _check_against_hand_written(arch, injection, positions, **base_overrides):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("injection,positions", INJECTIONS)
+@pytest.mark.parametrize("injection,positions", INJECTION_POSITIONS)
 def test_forward_equals_hand_written_sharedllm(arch, injection, positions):
     _check_against_hand_written(arch, injection, positions)
 
 
-@pytest.mark.parametrize("injection,positions", INJECTIONS)
+@pytest.mark.parametrize("injection,positions", INJECTION_POSITIONS)
 def test_forward_with_scaled_rope_equals_hand_written_sharedllm(injection, positions):
     """YaRN-scaled rotary tables carry a magnitude factor (``attention_scaling`` != 1) that the base
     model applies once to q and once to k. Eq. 2's extra rotations (keys at their chunk index, the
