@@ -12,13 +12,13 @@ import time
 
 import torch
 
+from ..cli import DTYPES
 from .evaluate import format_table, peak_rss_gb, perplexity_table, training_free_configs
 from .modeling import SharedLLMForCausalLM
 from .pretrained import load_base_model, shipped_injector
 from .text import module_text, stdlib_dir, tokenize_text
 
 TRAINED_ROW = "SharedLLM (trained, compressed)"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _check(args) -> None:

@@ -156,7 +156,9 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, resume: bool = True, p
 
     env = D.init_distributed()
     torch.manual_seed(cfg.seed)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    from ..cli import DTYPES
+
+    dtype = DTYPES[cfg.dtype]
     if base is None:
         from .pretrained import load_base_model
 
