@@ -48,6 +48,10 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     if backend == "triton":
         if not _triton.has_op(op):
             raise RuntimeError(f"backend='triton' is not available for {op}: {_triton.unavailable_reason(op)}")
+        if not _triton.runs_on(device):
+            raise ValueError(
+                f"backend='triton' runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"
+            )
         return "triton"
     # auto
     if device.type == "cpu":
@@ -55,7 +59,7 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     if on_gpu:
         if kernels["cuda"]:
             return "cuda"
-        if _triton.has_op(op):
+        if _triton.has_op(op) and _triton.runs_on(device):
             return "triton"
         return _fallback(op, "no CUDA or Triton kernel in this build")
     return _fallback(op, f"no kernel for device type {device.type!r}")

@@ -33,6 +33,8 @@ def chunk_pool(
     if impl == "reference":
         V.check_cu_seqlens_values(cu_seqlens, x.shape[0], "cu_seqlens", "x.shape[0]")
         return reference.chunk_pool(x, cu_seqlens, tokens_per_node, mode)
+    if impl == "triton":
+        return torch.ops.sharedllm_triton.chunk_pool(x, cu_seqlens, tokens_per_node, mode)
     return torch.ops.sharedllm.chunk_pool(x, cu_seqlens, tokens_per_node, mode)
 
 

@@ -99,7 +99,8 @@ def cross_inject_attention(
         return reference.cross_inject_attention(
             q, k, v, cu_seqlens_q, cu_seqlens_k, scale, q_positions, k_positions, rotary_cos, rotary_sin, return_lse
         )
-    out, lse = torch.ops.sharedllm.cross_inject_attention(
+    op = torch.ops.sharedllm_triton if impl == "triton" else torch.ops.sharedllm
+    out, lse = op.cross_inject_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, scale, q_positions, k_positions, rotary_cos, rotary_sin
     )
     return (out, lse) if return_lse else out

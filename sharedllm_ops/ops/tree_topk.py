@@ -56,6 +56,8 @@ def tree_topk(
     impl = resolve_backend("tree_topk", backend, query.device)
     if impl == "reference":
         return reference.tree_topk(query, node_emb, depth, k, branching, score)
+    if impl == "triton":
+        return torch.ops.sharedllm_triton.tree_topk(query, node_emb, depth, k, branching, score)
     return torch.ops.sharedllm.tree_topk(query, node_emb, depth, k, branching, score)
 
 

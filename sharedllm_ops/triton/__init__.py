@@ -1,14 +1,53 @@
-"""Triton kernels (DESIGN section 4). None has landed yet: the ops report themselves unavailable,
-so ``backend="auto"`` skips Triton and ``backend="triton"`` raises a clear error."""
+"""Triton kernels (DESIGN section 4): the portable GPU path, one module per op.
+
+Each module registers its op as ``torch.ops.sharedllm_triton.<op>`` with ``torch.library.custom_op``
+(plus a fake kernel and autograd), so the kernels trace under ``torch.compile``. They run on CUDA
+tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton was imported (that is
+how CI tests them). ``backend="auto"`` picks them on GPU when the CUDA extension lacks a kernel.
+"""
 
 from __future__ import annotations
 
-_KERNELS: dict[str, object] = {}
+import os
+
+import torch
+
+OPS = ("chunk_pool", "tree_topk", "cross_inject_attention")
+_registered: set[str] = set()
+_import_error: str | None = None
+
+try:
+    import triton  # noqa: F401
+except Exception as e:  # noqa: BLE001 - any import failure means "no Triton backend"
+    _import_error = f"triton could not be imported ({type(e).__name__}: {e})"
+else:
+    try:
+        from . import chunk_pool as _chunk_pool  # noqa: F401
+        _registered.add("chunk_pool")
+        from . import tree_topk as _tree_topk  # noqa: F401
+        _registered.add("tree_topk")
+        from . import cross_inject_attention as _cross_inject_attention  # noqa: F401
+        _registered.add("cross_inject_attention")
+    except Exception as e:  # noqa: BLE001
+        _import_error = f"a Triton kernel module failed to import ({type(e).__name__}: {e})"
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
 
 
 def has_op(op: str) -> bool:
-    return op in _KERNELS
+    """Whether the Triton kernel of ``op`` is registered (Triton imports and the kernel compiled in)."""
+    return op in _registered
+
+
+def runs_on(device: torch.device) -> bool:
+    """Triton launches on CUDA tensors, and on CPU tensors only under the interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
 def unavailable_reason(op: str) -> str:
-    return "the Triton kernels are not implemented yet"
+    if _import_error is not None:
+        return _import_error
+    return f"sharedllm_ops has no Triton kernel for {op}"

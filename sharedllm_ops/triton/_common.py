@@ -1,0 +1,35 @@
+"""Helpers shared by the Triton kernel modules."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..ops import _validate as V
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def check_launch(name: str, *tensors: torch.Tensor) -> None:
+    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter; anything else is an error
+    naming the tensor, not a crash inside the launcher."""
+    from . import runs_on
+
+    for t in tensors:
+        if t is not None and not runs_on(t.device):
+            raise ValueError(
+                f"the Triton kernel of {name} runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), "
+                f"got tensors on {t.device}"
+            )
+
+
+def check_cu_seqlens_values(cu: torch.Tensor, total: int, name: str, total_name: str) -> None:
+    """The kernels index with ``cu_seqlens``: bad values must be an error, not an out-of-bounds access.
+    Reading them costs one device-to-host copy on the GPU."""
+    V.check_cu_seqlens_values(cu, total, name, total_name)
+
+
+def as_int32_rows(values: torch.Tensor) -> torch.Tensor:
+    return values.to(torch.int32).contiguous()

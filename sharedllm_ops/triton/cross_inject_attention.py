@@ -1,0 +1,411 @@
+"""Triton ``cross_inject_attention`` (DESIGN 3.3), registered as ``sharedllm_triton::cross_inject_attention``.
+
+Forward: FlashAttention-style tiles. One program per (query tile, query head) loads its queries
+once, applies the rotary embedding to them in registers, then streams the keys and values of its
+sequence in blocks (rotating each key block as it is loaded) with an online softmax in base 2, and
+writes ``out`` and the natural-log ``lse``. Varlen packing is a host-built table of
+(sequence, first row) per tile, so a batch of short and long sequences launches only real tiles.
+
+Backward: the rotary is applied once in PyTorch (elementwise), then two kernels without atomics:
+one program per (key tile, kv head) accumulates ``dk``/``dv`` over every query of its sequence and
+every query head of its GQA group; one per (query tile, query head) accumulates ``dq``. The
+gradients of the rotated q/k are rotated back in PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops import _validate as V
+from ._common import check_cu_seqlens_values, check_launch, next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_ok, stride_n, head_off, cols, col_ok, ROTARY: tl.constexpr, HALF: tl.constexpr,
+               pos_ptr, cos_ptr, sin_ptr, stride_cos, stride_sin):
+    """``[len(rows), len(cols)]`` float32 rows of one head, rotated by ``cos/sin[pos[row]]`` if ``ROTARY``."""
+    base = ptr + rows[:, None].to(tl.int64) * stride_n + head_off
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if ROTARY:
+        # rotate_half: column c reads column c + D/2 negated (first half) or c - D/2 (second half)
+        partner = tl.where(cols < HALF, cols + HALF, cols - HALF)
+        sign = tl.where(cols < HALF, -1.0, 1.0)
+        x_rot = tl.load(base + partner[None, :], mask=mask, other=0.0).to(tl.float32) * sign[None, :]
+        pos = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        c = tl.load(cos_ptr + pos[:, None] * stride_cos + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + pos[:, None] * stride_sin + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = x * c + x_rot * s
+    return x
+
+
+@triton.jit
+def _dot(a, b, LOW_PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+    """``a @ b`` with float32 accumulation: on 16-bit tensor cores, or exact float32 (no TF32)."""
+    if LOW_PRECISION:
+        return tl.dot(a.to(DTYPE), b.to(DTYPE))
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr, tile_row_ptr, out_ptr, lse_ptr,
+    q_pos_ptr, k_pos_ptr, cos_ptr, sin_ptr,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    stride_cos, stride_sin,
+    Hq, GROUP, D, DV, scale_log2,
+    ROTARY: tl.constexpr, HALF: tl.constexpr, LOW_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    seq = tl.load(tile_seq_ptr + tile)
+    row0 = tl.load(tile_row_ptr + tile)
+    q_end = tl.load(cu_q_ptr + seq + 1)
+    k_start = tl.load(cu_k_ptr + seq)
+    k_end = tl.load(cu_k_ptr + seq + 1)
+    DTYPE: tl.constexpr = q_ptr.dtype.element_ty
+
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_end
+    dcols = tl.arange(0, BLOCK_D)
+    d_ok = dcols < D
+    vcols = tl.arange(0, BLOCK_DV)
+    dv_ok = vcols < DV
+    q = _load_rows(q_ptr, rows, row_ok, stride_qn, head.to(tl.int64) * stride_qh, dcols, d_ok, ROTARY, HALF,
+                   q_pos_ptr, cos_ptr, sin_ptr, stride_cos, stride_sin)
+    q = q * scale_log2  # scores in base-2 units: exp2 is the fast exponential
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for n0 in range(k_start, k_end, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_ok = keys < k_end
+        k = _load_rows(k_ptr, keys, key_ok, stride_kn, kv_head.to(tl.int64) * stride_kh, dcols, d_ok, ROTARY, HALF,
+                       k_pos_ptr, cos_ptr, sin_ptr, stride_cos, stride_sin)
+        s = _dot(q, tl.trans(k), LOW_PRECISION, DTYPE)
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every block has a valid key
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + keys[:, None].to(tl.int64) * stride_vn + kv_head.to(tl.int64) * stride_vh + vcols[None, :],
+                    mask=key_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + _dot(p, v, LOW_PRECISION, DTYPE)
+        m_i = m_new
+    has_keys = l_i > 0  # a sequence without keys: out = 0, lse = -inf
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    o_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_on + head.to(tl.int64) * stride_oh + vcols[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+    tl.store(lse_ptr + rows.to(tl.int64) * Hq + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr, tile_row_ptr,
+    dk_ptr, dv_ptr,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+    Hq, Hk, GROUP, D, DV, scale, scale_log2,
+    LOW_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.load(tile_seq_ptr + tile)
+    key0 = tl.load(tile_row_ptr + tile)
+    q_start = tl.load(cu_q_ptr + seq)
+    q_end = tl.load(cu_q_ptr + seq + 1)
+    k_end = tl.load(cu_k_ptr + seq + 1)
+    DTYPE: tl.constexpr = q_ptr.dtype.element_ty
+
+    keys = key0 + tl.arange(0, BLOCK_N)
+    key_ok = keys < k_end
+    dcols = tl.arange(0, BLOCK_D)
+    d_ok = dcols < D
+    vcols = tl.arange(0, BLOCK_DV)
+    dv_ok = vcols < DV
+    k = tl.load(k_ptr + keys[:, None].to(tl.int64) * stride_kn + kv_head.to(tl.int64) * stride_kh + dcols[None, :],
+                mask=key_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + keys[:, None].to(tl.int64) * stride_vn + kv_head.to(tl.int64) * stride_vh + vcols[None, :],
+                mask=key_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(GROUP):  # every query head that reads this kv head: no atomics needed
+        head = kv_head * GROUP + g
+        for m0 in range(q_start, q_end, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < q_end
+            q = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_qn + head.to(tl.int64) * stride_qh + dcols[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            do = tl.load(do_ptr + rows[:, None].to(tl.int64) * stride_don + head.to(tl.int64) * stride_doh + vcols[None, :],
+                         mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+            lse = tl.load(lse_ptr + rows.to(tl.int64) * Hq + head, mask=row_ok, other=0.0)
+            delta = tl.load(delta_ptr + rows.to(tl.int64) * Hq + head, mask=row_ok, other=0.0)
+            s = _dot(q, tl.trans(k), LOW_PRECISION, DTYPE) * scale_log2
+            p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
+            p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
+            dv += _dot(tl.trans(p), do, LOW_PRECISION, DTYPE)
+            dp = _dot(do, tl.trans(v), LOW_PRECISION, DTYPE)
+            ds = p * (dp - delta[:, None])
+            dk += _dot(tl.trans(ds), q, LOW_PRECISION, DTYPE)
+    dk = dk * scale
+    tl.store(dk_ptr + keys[:, None].to(tl.int64) * (Hk * D) + kv_head * D + dcols[None, :], dk,
+             mask=key_ok[:, None] & d_ok[None, :])
+    tl.store(dv_ptr + keys[:, None].to(tl.int64) * (Hk * DV) + kv_head * DV + vcols[None, :], dv,
+             mask=key_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, cu_q_ptr, cu_k_ptr, tile_seq_ptr, tile_row_ptr, dq_ptr,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+    Hq, GROUP, D, DV, scale, scale_log2,
+    LOW_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    seq = tl.load(tile_seq_ptr + tile)
+    row0 = tl.load(tile_row_ptr + tile)
+    q_end = tl.load(cu_q_ptr + seq + 1)
+    k_start = tl.load(cu_k_ptr + seq)
+    k_end = tl.load(cu_k_ptr + seq + 1)
+    DTYPE: tl.constexpr = q_ptr.dtype.element_ty
+
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_end
+    dcols = tl.arange(0, BLOCK_D)
+    d_ok = dcols < D
+    vcols = tl.arange(0, BLOCK_DV)
+    dv_ok = vcols < DV
+    q = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_qn + head.to(tl.int64) * stride_qh + dcols[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + rows[:, None].to(tl.int64) * stride_don + head.to(tl.int64) * stride_doh + vcols[None, :],
+                 mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + rows.to(tl.int64) * Hq + head, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + rows.to(tl.int64) * Hq + head, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n0 in range(k_start, k_end, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_ok = keys < k_end
+        k = tl.load(k_ptr + keys[:, None].to(tl.int64) * stride_kn + kv_head.to(tl.int64) * stride_kh + dcols[None, :],
+                    mask=key_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + keys[:, None].to(tl.int64) * stride_vn + kv_head.to(tl.int64) * stride_vh + vcols[None, :],
+                    mask=key_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+        s = _dot(q, tl.trans(k), LOW_PRECISION, DTYPE) * scale_log2
+        p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
+        p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), LOW_PRECISION, DTYPE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds, k, LOW_PRECISION, DTYPE)
+    dq = dq * scale
+    tl.store(dq_ptr + rows[:, None].to(tl.int64) * (Hq * D) + head * D + dcols[None, :], dq,
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+
+
+def _tiles(cu: list[int], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 (sequence, first row) of every ``block``-row tile of every non-empty sequence."""
+    seqs, rows = [], []
+    for s in range(len(cu) - 1):
+        for r in range(cu[s], cu[s + 1], block):
+            seqs.append(s)
+            rows.append(r)
+    return (torch.tensor(seqs, dtype=torch.int32).to(device), torch.tensor(rows, dtype=torch.int32).to(device))
+
+
+def _blocks(D: int, Dv: int, dtype: torch.dtype) -> dict:
+    from . import interpreting
+
+    BLOCK_D, BLOCK_DV = max(16, next_pow2(D)), max(16, next_pow2(Dv))
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+    wide = max(BLOCK_D, BLOCK_DV)
+    block = 128 if wide <= 64 and dtype != torch.float32 else (64 if wide <= 128 else 32)
+    return dict(BLOCK_M=block, BLOCK_N=block if wide <= 64 else max(32, block // 2), BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                num_warps=4 if wide <= 64 else 8, num_stages=2)
+
+
+def _low_precision(dtype: torch.dtype) -> bool:
+    from . import interpreting
+
+    # the interpreter computes in NumPy, which has no bfloat16: keep float32 there
+    return dtype != torch.float32 and not interpreting()
+
+
+def _check(q, k, v, cu_q, cu_k, q_pos, k_pos, cos, sin, what: str) -> tuple[list[int], list[int]]:
+    V.check_float(q, "q", "[Nq, Hq, D]", 3)
+    V.check_float(k, "k", "[Nk, Hk, D]", 3)
+    V.check_float(v, "v", "[Nk, Hk, Dv]", 3)
+    V.check_devices(q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, q_positions=q_pos, k_positions=k_pos,
+                    rotary_cos=cos, rotary_sin=sin)
+    check_launch(what, q)
+    Hq, Hk = q.shape[1], k.shape[1]
+    if k.shape[0] != v.shape[0] or k.shape[1] != v.shape[1] or k.shape[2] != q.shape[2] or Hk < 1 or Hq % Hk:
+        raise ValueError(f"{what}: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} do not fit together")
+    if cu_q.shape[0] != cu_k.shape[0]:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
+    check_cu_seqlens_values(cu_q, q.shape[0], "cu_seqlens_q", "q.shape[0]")
+    check_cu_seqlens_values(cu_k, k.shape[0], "cu_seqlens_k", "k.shape[0]")
+    rotary = (q_pos, k_pos, cos, sin)
+    if any(t is not None for t in rotary):
+        if any(t is None for t in rotary):
+            raise ValueError("the fused rotary needs all of rotary_cos, rotary_sin, q_positions and k_positions")
+        if q.shape[2] % 2 or cos.dim() != 2 or cos.shape[1] != q.shape[2] or sin.shape != cos.shape:
+            raise ValueError(f"rotary_cos/rotary_sin must be [max_pos, D={q.shape[2]}] with an even D")
+        if q_pos.shape != (q.shape[0],) or k_pos.shape != (k.shape[0],):
+            raise ValueError("q_positions and k_positions must have shapes [Nq] and [Nk]")
+        V.check_positions_values(q_pos, cos.shape[0], "q_positions")
+        V.check_positions_values(k_pos, cos.shape[0], "k_positions")
+    return cu_q.tolist(), cu_k.tolist()
+
+
+@torch.library.custom_op("sharedllm_triton::cross_inject_attention", mutates_args=())
+def cross_inject_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    softmax_scale: float, q_positions: torch.Tensor | None, k_positions: torch.Tensor | None,
+    rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [Nq, Hq, Dv], lse float32 [Nq, Hq])`` (see ``sharedllm_ops.cross_inject_attention``)."""
+    cu_q, _ = _check(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, rotary_cos, rotary_sin,
+                     "cross_inject_attention")
+    Nq, Hq, D = q.shape
+    Hk, Dv = v.shape[1], v.shape[2]
+    out = torch.empty(Nq, Hq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(Nq, Hq, dtype=torch.float32, device=q.device)
+    if Nq == 0 or Hq == 0:
+        return out, lse
+    rotary = rotary_cos is not None
+    blocks = _blocks(D, Dv, q.dtype)
+    tile_seq, tile_row = _tiles(cu_q, blocks["BLOCK_M"], q.device)
+    if tile_seq.numel() == 0:
+        return out, lse
+    dummy = cu_seqlens_q  # any tensor stands in for the rotary arguments when there is none
+    _attn_fwd_kernel[(tile_seq.numel(), Hq)](
+        q, k, v, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, out, lse,
+        q_positions if rotary else dummy, k_positions if rotary else dummy,
+        rotary_cos if rotary else dummy, rotary_sin if rotary else dummy,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        rotary_cos.stride(0) if rotary else 0, rotary_sin.stride(0) if rotary else 0,
+        Hq, Hq // Hk, D, Dv, float(softmax_scale) * LOG2E,
+        ROTARY=rotary, HALF=D // 2, LOW_PRECISION=_low_precision(q.dtype), **blocks,
+    )
+    return out, lse
+
+
+def _rotate(x, positions, cos, sin, inverse: bool = False) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` in float32 (its transpose with ``inverse``)."""
+    c = cos.float()[positions.long()][:, None, :]
+    s = sin.float()[positions.long()][:, None, :]
+    x = x.float()
+    half = x.shape[-1] // 2
+    if inverse:  # rotate_half transposed: [y1, y2] -> [y2, -y1]
+        xs = x * s
+        return x * c + torch.cat((xs[..., half:], -xs[..., :half]), dim=-1)
+    return x * c + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
+
+
+@torch.library.custom_op("sharedllm_triton::cross_inject_attention_backward", mutates_args=())
+def cross_inject_attention_backward(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    softmax_scale: float, q_positions: torch.Tensor | None, k_positions: torch.Tensor | None,
+    rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)``, contiguous, in the inputs' dtype."""
+    cu_q, cu_k = _check(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, rotary_cos, rotary_sin,
+                        "cross_inject_attention_backward")
+    Nq, Hq, D = q.shape
+    Nk, Hk, Dv = v.shape
+    if grad_out.shape != (Nq, Hq, Dv) or out.shape != grad_out.shape or lse.shape != (Nq, Hq):
+        raise ValueError(
+            f"grad_out and out must have shape [Nq, Hq, Dv] = {(Nq, Hq, Dv)} and lse [Nq, Hq], got "
+            f"{tuple(grad_out.shape)}, {tuple(out.shape)} and {tuple(lse.shape)}"
+        )
+    if grad_lse is not None and grad_lse.shape != (Nq, Hq):
+        raise ValueError(f"grad_lse must have shape [Nq, Hq] = {(Nq, Hq)}, got {tuple(grad_lse.shape)}")
+    V.check_devices(q, grad_out=grad_out, grad_lse=grad_lse, out=out, lse=lse)
+    rotary = rotary_cos is not None
+    low = _low_precision(q.dtype)
+    work = q.dtype if low else torch.float32
+    if rotary:
+        q_r = _rotate(q, q_positions, rotary_cos, rotary_sin).to(work)
+        k_r = _rotate(k, k_positions, rotary_cos, rotary_sin).to(work)
+    else:
+        q_r, k_r = q, k
+    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    # the softmax-backward row term, minus the gradient flowing in through lse
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    lse = lse.float().contiguous()
+    delta = delta.contiguous()
+    dq = torch.zeros(Nq, Hq, D, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(Nk, Hk, D, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(Nk, Hk, Dv, dtype=torch.float32, device=q.device)
+    blocks = _blocks(D, Dv, q.dtype)
+    scale = float(softmax_scale)
+    strides = (q_r.stride(0), q_r.stride(1), k_r.stride(0), k_r.stride(1), v.stride(0), v.stride(1),
+               grad_out.stride(0), grad_out.stride(1))
+    key_seq, key_row = _tiles(cu_k, blocks["BLOCK_N"], q.device)
+    if key_seq.numel() and Hk:
+        _attn_bwd_dkdv_kernel[(key_seq.numel(), Hk)](
+            q_r, k_r, v, grad_out, lse, delta, cu_seqlens_q, cu_seqlens_k, key_seq, key_row, dk, dv, *strides,
+            Hq, Hk, Hq // Hk, D, Dv, scale, scale * LOG2E, LOW_PRECISION=low, **blocks,
+        )
+    query_seq, query_row = _tiles(cu_q, blocks["BLOCK_M"], q.device)
+    if query_seq.numel() and Hq:
+        _attn_bwd_dq_kernel[(query_seq.numel(), Hq)](
+            q_r, k_r, v, grad_out, lse, delta, cu_seqlens_q, cu_seqlens_k, query_seq, query_row, dq, *strides,
+            Hq, Hq // Hk, D, Dv, scale, scale * LOG2E, LOW_PRECISION=low, **blocks,
+        )
+    if rotary:
+        dq = _rotate(dq, q_positions, rotary_cos, rotary_sin, inverse=True)
+        dk = _rotate(dk, k_positions, rotary_cos, rotary_sin, inverse=True)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@cross_inject_attention.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, q_positions, k_positions, rotary_cos, rotary_sin):
+    V.check_devices(q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, q_positions=q_positions,
+                    k_positions=k_positions, rotary_cos=rotary_cos, rotary_sin=rotary_sin)
+    return (q.new_empty(q.shape[0], q.shape[1], v.shape[2]),
+            q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32))
+
+
+@cross_inject_attention_backward.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, *rest):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, scale, q_pos, k_pos, cos, sin = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, q_pos, k_pos, cos, sin)
+    ctx.softmax_scale = scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_q, cu_k, q_pos, k_pos, cos, sin = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = cross_inject_attention_backward(
+        grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, ctx.softmax_scale, q_pos, k_pos, cos, sin
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+cross_inject_attention.register_autograd(_backward, setup_context=_setup_context)
+
+__all__ = ["cross_inject_attention", "cross_inject_attention_backward"]
