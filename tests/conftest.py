@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 import sharedllm_ops  # noqa: E402,F401  (loads the extension before any test module)
 from sharedllm_ops import _ext  # noqa: E402
+from sharedllm_ops import triton as _triton  # noqa: E402
 from sharedllm_ops.workloads import cu_seqlens, rotary_tables  # noqa: E402,F401  (imported by the tests)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,6 +39,21 @@ requires_ext = pytest.mark.skipif(
     not _ext.loaded,
     reason=f"the C++ extension sharedllm_ops._C is not built/loadable: {_ext.load_error}",
 )
+
+
+def requires_triton(op: str):
+    """Skip unless the Triton kernel of ``op`` is registered and can run on this machine's CPU
+    tensors (CI runs it in Triton's interpreter, ``TRITON_INTERPRET=1``, set above)."""
+    if not _triton.has_op(op):
+        reason = f"the Triton kernel of {op} is not available: {_triton.unavailable_reason(op)}"
+    elif not _triton.runs_on(torch.device("cpu")):
+        reason = (
+            f"the Triton kernel of {op} runs on CPU tensors only with TRITON_INTERPRET=1 "
+            f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r})"
+        )
+    else:
+        reason = ""
+    return pytest.mark.skipif(bool(reason), reason=reason)
 
 
 def dtype_id(dtype: torch.dtype) -> str:

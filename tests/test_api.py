@@ -1,5 +1,6 @@
 """Public API: build_info, backend names, dispatch rules and the reference fallback (DESIGN 4)."""
 
+import importlib.util
 import re
 import warnings
 
@@ -9,6 +10,7 @@ from conftest import cu_seqlens, requires_ext, rotary_tables
 
 import sharedllm_ops as so
 from sharedllm_ops import _ext
+from sharedllm_ops import triton as _triton
 from sharedllm_ops.ops import _dispatch
 
 OPS = ("chunk_pool", "tree_topk", "cross_inject_attention")
@@ -112,9 +114,37 @@ def test_cuda_backend_on_cpu_tensors_is_a_value_error(op):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_triton_backend_unavailable_names_the_op(op):
-    with pytest.raises(RuntimeError, match=rf"backend='triton'.*{op}"):
+def test_triton_backend_on_cpu_without_interpreter_is_a_value_error(op, monkeypatch):
+    """A registered Triton kernel runs on CPU tensors only in Triton's interpreter: without it,
+    backend='triton' says so (instead of failing inside Triton's launcher)."""
+    monkeypatch.setattr(_triton, "_registered", set(OPS))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not _triton.interpreting() and not _triton.runs_on(torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"backend='triton'.*TRITON_INTERPRET=1.*cpu"):
         _calls("triton")[op]()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_triton_backend_without_kernel_names_the_op(op, monkeypatch):
+    monkeypatch.setattr(_triton, "_registered", {o for o in OPS if o != op})
+    assert not _triton.has_op(op)
+    with pytest.raises(RuntimeError, match=rf"backend='triton' is not available for {op}\b"):
+        _calls("triton")[op]()
+    # auto never picks a missing Triton kernel (on CPU it takes the C++ kernel or the reference)
+    assert _dispatch.resolve_backend(op, "auto", torch.device("cpu")) in ("cpp", "reference")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("op", ["chunk_pool", "tree_topk"])
+def test_triton_ops_are_registered(op):
+    """With Triton installed, the kernels of chunk_pool and tree_topk are registered custom ops
+    with a fake (meta) kernel; build_info reports them as usable exactly when CUDA is."""
+    assert _triton.has_op(op), _triton.unavailable_reason(op)
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    for name in (op, f"{op}_backward") if op == "chunk_pool" else (op,):
+        assert hasattr(torch.ops.sharedllm_triton, name), name
+        assert has(f"sharedllm_triton::{name}", "Meta"), f"{name} has no fake kernel"
+    assert so.build_info()["kernels"][op]["triton"] is torch.cuda.is_available()
 
 
 @requires_ext

@@ -1,5 +1,5 @@
-"""chunk_pool (DESIGN 3.1): reference vs independent formulations, C++ vs reference, gradients,
-opcheck and input validation."""
+"""chunk_pool (DESIGN 3.1): reference vs independent formulations, C++ and Triton vs reference,
+gradients, opcheck and input validation."""
 
 import re
 
@@ -14,6 +14,7 @@ from conftest import (
     cu_seqlens,
     dtype_id,
     requires_ext,
+    requires_triton,
     run_twice,
     strided_like,
 )
@@ -24,6 +25,7 @@ from sharedllm_ops import reference as R
 # empty, single token, shorter than P, equal to P, longer non-divisible, divisible, another empty
 LENGTHS = [0, 1, 3, 4, 9, 0, 23, 16, 2]
 MODES = ("mean", "first")
+TRITON = requires_triton("chunk_pool")
 
 
 def _segments(x, cu):
@@ -141,13 +143,22 @@ def test_cpp_transposed_input(mode):
     assert_close(so.chunk_pool(x, cu, 5, mode, backend="cpp"), R.chunk_pool(x, cu, 5, mode))
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_ext), "reference"])
+@pytest.mark.parametrize(
+    "backend", [pytest.param("cpp", marks=requires_ext), "reference", pytest.param("triton", marks=TRITON)]
+)
 def test_noncontiguous_cu_seqlens(backend):
     cu = cu_seqlens(LENGTHS)
     strided = torch.stack((cu, torch.full_like(cu, -1)), dim=1).flatten()[::2]
     assert not strided.is_contiguous() and torch.equal(strided, cu)
     x = torch.randn(int(cu[-1]), 2, 8)
     assert_close(so.chunk_pool(x, strided, 4, backend=backend), R.chunk_pool(x, cu, 4))
+    # and the gradient (the backward kernel reads cu_seqlens too)
+    grads = []
+    for bk, c in ((backend, strided), ("reference", cu)):
+        xr = x.clone().requires_grad_()
+        out = so.chunk_pool(xr, c, 4, backend=bk)
+        grads.append(torch.autograd.grad(out, xr, torch.linspace(-1, 1, out.numel()).reshape(out.shape))[0])
+    assert_close(grads[0], grads[1])
 
 
 @requires_ext
@@ -169,8 +180,9 @@ def test_cpp_long_segments_exact_in_fp32(mode):
     assert_close(so.chunk_pool(x, cu, 3, mode, backend="cpp"), R.chunk_pool(x, cu, 3, mode), dict(atol=1e-5, rtol=1e-5))
 
 
-@requires_ext
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize(
+    "backend", [pytest.param("cpp", marks=requires_ext), "reference", pytest.param("triton", marks=TRITON)]
+)
 @pytest.mark.parametrize("mode", MODES)
 def test_degenerate_shapes(backend, mode):
     # no segments at all
@@ -187,6 +199,13 @@ def test_degenerate_shapes(backend, mode):
         [x[0:3].mean(0) if mode == "mean" else x[0], torch.zeros(1, 2), x[3:8].mean(0) if mode == "mean" else x[3]]
     )
     assert_close(out, expected)
+    # no heads, or an empty head dim: empty outputs (and gradients) of the right shape
+    for shape in ((8, 0, 3), (8, 2, 0)):
+        xe = torch.randn(*shape, requires_grad=True)
+        out = so.chunk_pool(xe, cu, 4, mode, backend=backend)
+        assert out.shape == (12,) + shape[1:]
+        (g,) = torch.autograd.grad(out, xe, torch.randn(out.shape))
+        assert g.shape == shape
 
 
 @requires_ext
@@ -335,7 +354,9 @@ def _bad_cases():
 BAD = _bad_cases()
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_ext), "reference"])
+@pytest.mark.parametrize(
+    "backend", [pytest.param("cpp", marks=requires_ext), "reference", pytest.param("triton", marks=TRITON)]
+)
 @pytest.mark.parametrize("change,exc,match", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
 def test_public_rejects_bad_input(backend, change, exc, match):
     args = {**_good(), **change}
@@ -413,3 +434,205 @@ def test_error_messages_state_expectation():
         torch.ops.sharedllm.chunk_pool(a["x"], torch.tensor([0, 2, 2, 4], dtype=torch.int32), 2, "mean")
     msg = str(info.value)
     assert re.search(r"x\.shape\[0\] = 5", msg) and "got 4" in msg
+
+
+# --------------------------------------------------------------------------------------------
+# 6. the Triton kernel against the reference (CPU tensors, Triton's interpreter: tiny shapes)
+
+# (P, D, layout): in float32 every pair of P in {4, 7}, D in {33 (odd: a masked block), 64 (a power
+# of two)} and both layouts appears once; the 16-bit dtypes take two of them, which still hold every
+# value of each (the interpreter is slow)
+TRITON_SHAPES = [(4, 33, "contiguous"), (7, 64, "padded"), (4, 64, "padded"), (7, 33, "contiguous")]
+TRITON_CASES = [
+    (dtype, *shape) for dtype in DTYPES for shape in (TRITON_SHAPES if dtype == torch.float32 else TRITON_SHAPES[:2])
+]
+
+
+@TRITON
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "dtype,P,D,layout", TRITON_CASES, ids=[f"{dtype_id(t)}-P{p}-D{d}-{lay}" for t, p, d, lay in TRITON_CASES]
+)
+def test_triton_matches_reference(dtype, P, D, layout, mode):
+    cu = cu_seqlens(LENGTHS)
+    x = strided_like((int(cu[-1]), 2, D), dtype, layout)
+    # poisoned outputs in float32 (which elements are written does not depend on the dtype)
+    call = run_twice if dtype == torch.float32 else (lambda fn, *a, **kw: fn(*a, **kw))
+    out = call(so.chunk_pool, x, cu, P, mode, backend="triton")
+    expected = so.chunk_pool(x, cu, P, mode, backend="reference")
+    assert out.dtype == dtype and out.shape == (len(LENGTHS) * P, 2, D)
+    assert_finite(out)
+    if mode == "first":  # a copy of input rows: exact in every dtype
+        assert torch.equal(out, expected)
+    else:
+        assert_close(out, expected)
+    # empty segments give exact zeros
+    for s, n in enumerate(LENGTHS):
+        if n == 0:
+            assert torch.count_nonzero(out[s * P : (s + 1) * P]) == 0
+
+
+@TRITON
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_other_strides(mode):
+    """Head-major storage, broadcast rows (stride 0) and overlapping rows."""
+    cu = cu_seqlens(LENGTHS)
+    N = int(cu[-1])
+    for x in (
+        strided_like((N, 2, 16), torch.float32, "transposed"),
+        torch.randn(1, 2, 8).expand(N, 2, 8),
+        torch.randn(4 * N + 16).as_strided((N, 2, 8), (4, 2, 1)),
+    ):
+        assert_close(so.chunk_pool(x, cu, 3, mode, backend="triton"), R.chunk_pool(x, cu, 3, mode))
+
+
+@TRITON
+def test_triton_long_segments_exact_in_fp32():
+    """A long segment pooled to few slots (windows of hundreds of rows): within fp32 rounding."""
+    cu = cu_seqlens([1000, 257, 1])
+    x = torch.randn(int(cu[-1]), 1, 8)
+    assert_close(so.chunk_pool(x, cu, 3, "mean", backend="triton"), R.chunk_pool(x, cu, 3, "mean"))
+
+
+@requires_ext
+@TRITON
+def test_auto_prefers_cpp_over_triton_on_cpu():
+    """Under the interpreter Triton could run on CPU tensors, but auto still picks the C++ kernel."""
+    from sharedllm_ops.ops._dispatch import resolve_backend
+
+    assert resolve_backend("chunk_pool", "auto", torch.device("cpu")) == "cpp"
+    cu = cu_seqlens(LENGTHS)
+    x = torch.randn(int(cu[-1]), 2, 8)
+    assert torch.equal(so.chunk_pool(x, cu, 4), so.chunk_pool(x, cu, 4, backend="cpp"))
+
+
+@TRITON
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_triton_gradient_matches_reference(dtype, mode):
+    cu = cu_seqlens(LENGTHS)
+    P = 5
+    x = strided_like((int(cu[-1]), 2, 33), dtype, "padded")
+    grad_out = torch.randn(len(LENGTHS) * P, 2, 33, dtype=dtype)
+    grads = {}
+    for backend in ("triton", "reference"):
+        xr = x.detach().clone().requires_grad_()
+        (g,) = torch.autograd.grad(so.chunk_pool(xr, cu, P, mode, backend=backend), xr, grad_out)
+        grads[backend] = g
+    assert grads["triton"].dtype == dtype and grads["triton"].shape == x.shape
+    assert_finite(grads["triton"], "grad_x")
+    assert_close(grads["triton"], grads["reference"])
+
+
+@TRITON
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_gradient_noncontiguous_grad_out(mode):
+    """The incoming gradient may be any view: broadcast (stride 0) or transposed (last dim not contiguous)."""
+    cu = cu_seqlens(LENGTHS)
+    P = 4
+    x = torch.randn(int(cu[-1]), 2, 6)
+    for grad_out in (
+        torch.randn(1, 1, 6).expand(len(LENGTHS) * P, 2, 6),
+        torch.randn(6, 2, len(LENGTHS) * P).permute(2, 1, 0),
+    ):
+        g = []
+        for backend in ("triton", "reference"):
+            xr = x.clone().requires_grad_()
+            g.append(torch.autograd.grad(so.chunk_pool(xr, cu, P, mode, backend=backend), xr, grad_out)[0])
+        assert_close(g[0], g[1])
+
+
+@TRITON
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_triton_backward_op_direct(dtype, mode):
+    """torch.ops.sharedllm_triton.chunk_pool_backward is the vector-Jacobian product of the reference,
+    and writes every row of grad_x (rows in no window of "first" get exact zeros)."""
+    cu = cu_seqlens(LENGTHS)
+    N, P = int(cu[-1]), 3
+    x = torch.randn(N, 2, 40, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(len(LENGTHS) * P, 2, 40, dtype=dtype)
+    (expected,) = torch.autograd.grad(R.chunk_pool(x, cu, P, mode), x, grad_out)
+    call = run_twice if dtype == torch.float32 else (lambda fn, *a, **kw: fn(*a, **kw))
+    got = call(torch.ops.sharedllm_triton.chunk_pool_backward, grad_out, cu, N, P, mode)
+    assert got.dtype == dtype
+    assert_finite(got, "grad_x")
+    assert_close(got, expected)
+    if mode == "first":
+        assert torch.equal(got == 0, expected == 0)
+
+
+@TRITON
+@pytest.mark.filterwarnings("ignore:Input #0 requires gradient and is not a double")
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_gradcheck_float32(mode):
+    """The backward is the transpose of the forward (a linear map), checked numerically (fast mode:
+    a few forward calls instead of two per input element)."""
+    cu = cu_seqlens([0, 1, 3, 7, 2])
+    x = torch.randn(int(cu[-1]), 2, 3, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda t: so.chunk_pool(t, cu, 4, mode, backend="triton"), (x,), eps=1e-2, atol=1e-3, rtol=1e-3,
+        fast_mode=True,
+    )
+
+
+@TRITON
+@pytest.mark.parametrize("layout", ["contiguous", "padded"])
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_opcheck_chunk_pool(mode, layout):
+    cu = cu_seqlens([0, 1, 3, 7, 2])
+    x = strided_like((int(cu[-1]), 2, 8), torch.float32, layout).requires_grad_()
+    torch.library.opcheck(torch.ops.sharedllm_triton.chunk_pool.default, (x, cu, 4, mode))
+
+
+@TRITON
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_opcheck_chunk_pool_backward(mode):
+    cu = cu_seqlens([0, 1, 3, 7, 2])
+    grad_out = torch.randn(5 * 4, 2, 8)
+    torch.library.opcheck(
+        torch.ops.sharedllm_triton.chunk_pool_backward.default, (grad_out, cu, int(cu[-1]), 4, mode)
+    )
+
+
+@TRITON
+@pytest.mark.parametrize("change,exc,match", [c[1:] for c in DIRECT], ids=[c[0] for c in DIRECT])
+def test_triton_op_rejects_bad_input(change, exc, match):
+    """The Triton op reached directly validates like the C++ op (the public function checks most of
+    these before dispatching)."""
+    a = {**_good(), **change}
+    with pytest.raises(exc, match=match):
+        torch.ops.sharedllm_triton.chunk_pool(a["x"], a["cu_seqlens"], a["tokens_per_node"], a["mode"])
+
+
+@TRITON
+def test_triton_op_rejects_device_mismatch():
+    """A "meta" cu_seqlens with a CPU x dispatches to the fake kernel, which must reject it."""
+    a = _good()
+    with pytest.raises(ValueError, match=r"cu_seqlens.*device"):
+        torch.ops.sharedllm_triton.chunk_pool(a["x"], a["cu_seqlens"].to("meta"), 2, "mean")
+    with pytest.raises(ValueError, match=r"cu_seqlens.*device"):
+        torch.ops.sharedllm_triton.chunk_pool_backward(torch.randn(6, 2, 4), a["cu_seqlens"].to("meta"), 5, 2, "mean")
+
+
+@TRITON
+def test_triton_backward_op_rejects_bad_input():
+    cu = cu_seqlens([2, 0, 3])
+    go = torch.randn(6, 2, 4)
+    op = torch.ops.sharedllm_triton.chunk_pool_backward
+    with pytest.raises(ValueError, match=r"grad_out.*S \* P = 6.*\(7, 2, 4\)"):
+        op(torch.randn(7, 2, 4), cu, 5, 2, "mean")
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\].*num_rows = 6"):
+        op(go, cu, 6, 2, "mean")
+    with pytest.raises(ValueError, match=r"cu_seqlens.*non-decreasing"):
+        op(go, torch.tensor([0, 3, 2, 5], dtype=torch.int32), 5, 2, "mean")
+    with pytest.raises(ValueError, match=r"grad_out.*float32"):
+        op(go.double(), cu, 5, 2, "mean")
+    with pytest.raises(ValueError, match=r"grad_out.*\[S \* P, H, D\]"):
+        op(torch.randn(6, 8), cu, 5, 2, "mean")
+    with pytest.raises(ValueError, match=r"tokens_per_node"):
+        op(go, cu, 5, 0, "mean")
+    with pytest.raises(ValueError, match=r"mode"):
+        op(go, cu, 5, 2, "sum")
+    with pytest.raises(ValueError, match=r"cu_seqlens.*int32"):
+        op(go, cu.long(), 5, 2, "mean")

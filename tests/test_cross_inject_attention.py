@@ -17,6 +17,7 @@ from conftest import (
     grad_tol,
     poison_allocator,
     requires_ext,
+    requires_triton,
     rotary_tables,
     run_twice,
 )
@@ -798,3 +799,243 @@ print("ok")
     env = dict(os.environ, SHAREDLLM_OPS_GEMM="aten")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# 6. the Triton kernels (run on CPU tensors under TRITON_INTERPRET=1, set by conftest)
+
+requires_triton_attention = requires_triton("cross_inject_attention")
+# the interpreter is slow: one head dim per layout, the odd, rotary and Dv != D cases included
+TRITON_CONFIGS = [
+    pytest.param("contiguous", 32, 48, True, id="contiguous-d32-dv48-rot"),
+    pytest.param("fused", 16, 16, True, id="fused-d16-rot"),
+    pytest.param("padded", 33, 33, False, id="padded-d33-plain"),
+    pytest.param("transposed", 40, 40, True, id="transposed-d40-rot"),
+]
+
+
+@requires_triton_attention
+@pytest.mark.parametrize("layout,d,dv,rotary", TRITON_CONFIGS)
+@pytest.mark.parametrize("hq,hk", [(2, 2), (6, 2)], ids=["mha", "gqa3"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_triton_matches_reference(dtype, hq, hk, layout, d, dv, rotary):
+    q, k, v, cq, ck, extra = make_inputs(LQ, LK, hq, hk, d, dv, dtype=dtype, layout=layout, rotary=rotary)
+    out, lse = run_twice(so.cross_inject_attention, q, k, v, cq, ck, return_lse=True, backend="triton", **extra)
+    ref_out, ref_lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="reference", **extra)
+    assert out.shape == (sum(LQ), hq, dv) and out.dtype == dtype
+    assert lse.shape == (sum(LQ), hq) and lse.dtype == torch.float32
+    assert_finite(out)
+    assert_close(out, ref_out, ATTN_TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
+    check_empty_sequences(out, lse, LQ, LK)
+
+
+@requires_triton_attention
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_triton_gqa8_and_many_tiles(dtype):
+    """8 query heads per kv head; sequences of several query tiles and key blocks (16 rows each
+    under the interpreter), including one key and a tile boundary exactly at a sequence's end."""
+    lq, lk = [33, 5, 16], [40, 1, 17]
+    q, k, v, cq, ck, extra = make_inputs(lq, lk, 8, 1, 16, dtype=dtype, rotary=True, max_pos=100)
+    out, lse = run_twice(so.cross_inject_attention, q, k, v, cq, ck, return_lse=True, backend="triton", **extra)
+    ref_out, ref_lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="reference", **extra)
+    assert_close(out, ref_out, ATTN_TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, atol=5e-5, rtol=1e-5)
+
+
+@requires_triton_attention
+def test_triton_matches_independent_sdpa_oracle():
+    """Against float64 SDPA with the rotary computed from angles, not from our tables."""
+    q, k, v, cq, ck, extra = make_inputs(LQ, LK, 6, 2, 16, rotary=True)
+    out, lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="triton", **extra)
+    ref_out, ref_lse = sdpa_oracle(q, k, v, LQ, LK, extra=extra)
+    assert_close(out, ref_out.float(), ATTN_TOL[torch.float32])
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-5)
+
+
+@requires_triton_attention
+def test_triton_broadcast_and_noncontiguous_index_tensors():
+    """k/v with broadcast rows or heads (stride 0); cu_seqlens, positions and tables as strided views."""
+    lq, lk = [3, 0, 5], [4, 30, 2]
+    nq, nk = sum(lq), sum(lk)
+    q, cq, ck = torch.randn(nq, 4, 16), cu_seqlens(lq), cu_seqlens(lk)
+    k = torch.randn(1, 2, 16).expand(nk, 2, 16)
+    v = torch.randn(nk, 1, 16).expand(nk, 2, 16)
+    assert_close(so.cross_inject_attention(q, k, v, cq, ck, backend="triton"), R.cross_inject_attention(q, k, v, cq, ck),
+                 ATTN_TOL[torch.float32])
+    q, k, v, cq, ck, extra = make_inputs(LQ, LK, 4, 2, 16, rotary=True)
+    spread = lambda t: torch.stack((t, torch.full_like(t, -7)), dim=1).flatten()[::2]  # noqa: E731
+    views = dict(
+        q_positions=spread(extra["q_positions"]), k_positions=spread(extra["k_positions"]),
+        rotary_cos=torch.cat((extra["rotary_cos"], torch.zeros_like(extra["rotary_cos"])), 1)[:, :16],
+        rotary_sin=torch.cat((extra["rotary_sin"], torch.zeros_like(extra["rotary_sin"])), 1)[:, :16],
+    )
+    out = so.cross_inject_attention(q, k, v, spread(cq), spread(ck), backend="triton", **views)
+    assert_close(out, R.cross_inject_attention(q, k, v, cq, ck, **extra), ATTN_TOL[torch.float32])
+
+
+@requires_triton_attention
+@pytest.mark.parametrize("magnitude", [10.0, 60.0])
+def test_triton_large_scores_are_stable(magnitude):
+    q, k, v, cq, ck, _ = make_inputs([4, 9], [40, 17], 4, 2, 16)
+    q = q * magnitude
+    out, lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="triton")
+    ref_out, ref_lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="reference")
+    assert_finite(out)
+    assert_close(out, ref_out, dict(atol=1e-4, rtol=1e-4))
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-5)
+
+
+@requires_triton_attention
+@pytest.mark.parametrize("scale", [0.0, 0.05, 1.0])
+def test_triton_softmax_scale_and_table_dtype(scale):
+    q, k, v, cq, ck, extra = make_inputs(LQ, LK, 4, 2, 16, rotary=True)
+    extra = dict(extra, rotary_cos=extra["rotary_cos"].half(), rotary_sin=extra["rotary_sin"].double())
+    out, lse = so.cross_inject_attention(q, k, v, cq, ck, scale, return_lse=True, backend="triton", **extra)
+    ref_out, ref_lse = so.cross_inject_attention(q, k, v, cq, ck, scale, return_lse=True, backend="reference", **extra)
+    assert_close(out, ref_out, ATTN_TOL[torch.float32])
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
+
+
+@requires_triton_attention
+def test_triton_degenerate_shapes():
+    q, k, v, cq, ck, _ = make_inputs([0, 0], [3, 2], 2, 1, 8)
+    out, lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="triton")
+    assert out.shape == (0, 2, 8) and lse.shape == (0, 2)
+    q, k, v, cq, ck, _ = make_inputs([3, 2], [0, 0], 2, 1, 8)
+    out, lse = run_twice(so.cross_inject_attention, q, k, v, cq, ck, return_lse=True, backend="triton")
+    assert torch.count_nonzero(out) == 0 and (lse == -math.inf).all()
+    q, k, v, cq, ck, _ = make_inputs([], [], 2, 1, 8)
+    out, lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="triton")
+    assert out.shape == (0, 2, 8) and lse.shape == (0, 2)
+
+
+TRITON_GRAD_CASES = [  # every dtype and head layout through out+lse; out and lse alone once (interpreter time)
+    pytest.param(dtype, hq, hk, layout, rotary, "out+lse", id=f"{dtype_id(dtype)}-{name}-out+lse")
+    for dtype in DTYPES
+    for hq, hk, layout, rotary, name in [(4, 4, "contiguous", True, "mha-rot"), (6, 2, "fused", False, "gqa3-fused"),
+                                         (8, 1, "padded", True, "gqa8-padded-rot")]
+] + [pytest.param(torch.float32, 6, 2, "transposed", True, through, id=f"fp32-gqa3-transposed-rot-{through}")
+     for through in ("out", "lse")]
+
+
+@requires_triton_attention
+@pytest.mark.parametrize("dtype,hq,hk,layout,rotary,through", TRITON_GRAD_CASES)
+def test_triton_gradients_match_reference(dtype, hq, hk, layout, rotary, through):
+    q, k, v, cq, ck, extra = make_inputs(LQ, LK, hq, hk, 16, dtype=dtype, layout=layout, rotary=rotary)
+    grad_out = torch.randn(sum(LQ), hq, 16, dtype=dtype) if "out" in through else None
+    grad_lse = torch.randn(sum(LQ), hq) if "lse" in through else None
+    poison_allocator()
+    got = _grads("triton", q, k, v, cq, ck, extra, grad_out, grad_lse)
+    ref = _grads("reference", q, k, v, cq, ck, extra, grad_out, grad_lse)
+    for name, g, r in zip(("dq", "dk", "dv"), got, ref):
+        assert g.dtype == dtype and g.shape == r.shape
+        assert_finite(g, name)
+        assert_close(g, r, grad_tol(dtype, float(r.abs().max())), msg=name)
+    # keys of the sequence without queries, queries of the sequence without keys: zero gradient
+    assert torch.count_nonzero(got[1][4:7]) == 0 and torch.count_nonzero(got[2][4:7]) == 0
+    assert torch.count_nonzero(got[0][3:8]) == 0
+    if through == "lse":
+        assert torch.count_nonzero(got[2]) == 0
+
+
+@requires_triton_attention
+def test_triton_gradients_many_tiles():
+    lq, lk = [33, 0, 17], [40, 9, 17]
+    q, k, v, cq, ck, extra = make_inputs(lq, lk, 6, 2, 16, rotary=True, max_pos=100)
+    grad_out, grad_lse = torch.randn(sum(lq), 6, 16), torch.randn(sum(lq), 6)
+    got = _grads("triton", q, k, v, cq, ck, extra, grad_out, grad_lse)
+    ref = _grads("reference", q, k, v, cq, ck, extra, grad_out, grad_lse)
+    for name, g, r in zip(("dq", "dk", "dv"), got, ref):
+        assert_close(g, r, grad_tol(torch.float32, float(r.abs().max())), msg=name)
+
+
+@requires_triton_attention
+def test_triton_backward_op_direct_is_deterministic_and_written():
+    q, k, v, cq, ck, extra = make_inputs(LQ, LK, 6, 2, 16, rotary=True)
+    args_rot = (extra["q_positions"], extra["k_positions"], extra["rotary_cos"], extra["rotary_sin"])
+    out, lse = torch.ops.sharedllm_triton.cross_inject_attention(q, k, v, cq, ck, 0.25, *args_rot)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    dq, dk, dv = run_twice(
+        torch.ops.sharedllm_triton.cross_inject_attention_backward, grad_out, grad_lse, q, k, v, out, lse, cq, ck, 0.25, *args_rot
+    )
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ro, rl = R.cross_inject_attention(qr, kr, vr, cq, ck, 0.25, *args_rot, return_lse=True)
+    loss = (ro * grad_out).sum() + (torch.where(torch.isfinite(rl), rl, 0) * grad_lse).sum()
+    for g, r in zip((dq, dk, dv), torch.autograd.grad(loss, (qr, kr, vr))):
+        assert_finite(g)
+        assert_close(g, r, grad_tol(torch.float32, float(r.abs().max())))
+
+
+@requires_triton_attention
+@pytest.mark.parametrize("layout,rotary", [("fused", False), ("transposed", True)], ids=["fused-plain", "transposed-rotary"])
+def test_triton_opcheck_forward(layout, rotary):
+    q, k, v, cq, ck, extra = make_inputs([3, 0, 5, 2], [4, 3, 0, 6], 4, 2, 16, layout=layout, rotary=rotary)
+    if layout == "fused":
+        base = q._base.requires_grad_()
+        q, k, v = base[: q.shape[0], :4], base[: k.shape[0], 4:6], base[: k.shape[0], 6:]
+    else:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.sharedllm_triton.cross_inject_attention.default, _op_args(q, k, v, cq, ck, extra))
+
+
+@requires_triton_attention
+@pytest.mark.parametrize("with_grad_lse", [True, False], ids=["grad_lse", "no_grad_lse"])
+def test_triton_opcheck_backward(with_grad_lse):
+    q, k, v, cq, ck, extra = make_inputs([3, 0, 5, 2], [4, 3, 0, 6], 4, 2, 16, layout="transposed", rotary=True)
+    args = _op_args(q, k, v, cq, ck, extra)
+    out, lse = torch.ops.sharedllm_triton.cross_inject_attention(*args)
+    grad_lse = torch.randn_like(lse) if with_grad_lse else None
+    torch.library.opcheck(
+        torch.ops.sharedllm_triton.cross_inject_attention_backward.default,
+        (torch.randn_like(out), grad_lse) + args[:3] + (out, lse) + args[3:],
+    )
+
+
+@requires_triton_attention
+@pytest.mark.parametrize("change,exc,match", [c[1:] for c in ALL_PUBLIC], ids=[c[0] for c in ALL_PUBLIC])
+def test_triton_public_rejects_bad_input(change, exc, match):
+    a = {**_good(), **change}
+    with pytest.raises(exc, match=match):
+        _call_public(a, "triton")
+
+
+def _call_triton_op(a):
+    scale = 0.5 if a["softmax_scale"] is None else a["softmax_scale"]
+    return torch.ops.sharedllm_triton.cross_inject_attention(
+        a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], scale, a["q_positions"], a["k_positions"],
+        a["rotary_cos"], a["rotary_sin"],
+    )
+
+
+@requires_triton_attention
+@pytest.mark.parametrize("change,exc,match", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_triton_op_rejects_bad_input(change, exc, match):
+    a = {**_good(), **change}
+    with pytest.raises(exc, match=match):
+        _call_triton_op(a)
+
+
+@requires_triton_attention
+def test_triton_backward_op_rejects_bad_input():
+    a = _good()
+    out, lse = _call_triton_op(a)
+    go = torch.randn_like(out)
+    base = (a["q"], a["k"], a["v"])
+    rest = (a["cu_seqlens_q"], a["cu_seqlens_k"], 0.5, None, None, None, None)
+    bwd = torch.ops.sharedllm_triton.cross_inject_attention_backward
+    with pytest.raises(ValueError, match=r"grad_out"):
+        bwd(go[:-1], None, *base, out, lse, *rest)
+    with pytest.raises(ValueError, match=r"grad_out.*dtype of q"):
+        bwd(go.half(), None, *base, out, lse, *rest)
+    with pytest.raises(ValueError, match=r"\bout\b.*dtype of q"):
+        bwd(go, None, *base, out.half(), lse, *rest)
+    with pytest.raises(ValueError, match=r"lse.*float32"):
+        bwd(go, None, *base, out, lse.double(), *rest)
+    with pytest.raises(ValueError, match=r"grad_lse"):
+        bwd(go, torch.randn(3, 3), *base, out, lse, *rest)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k\[-1\]"):
+        bwd(go, None, *base, out, lse, a["cu_seqlens_q"], _i32(0, 1, 2, 3), 0.5, None, None, None, None)
+    with pytest.raises(ValueError, match=r"q_positions.*\[0, 16\)"):
+        bwd(go, None, *base, out, lse, a["cu_seqlens_q"], a["cu_seqlens_k"], 0.5,
+            _i32(0, 1, 99, 2, 3), ROT["k_positions"], COS, SIN)

@@ -1,14 +1,22 @@
 """tree_topk and tree_spans (DESIGN 3.2): reference vs a brute-force descent, hand-computed trees,
-ties, C++ vs reference, opcheck and input validation."""
+ties, C++ and Triton vs reference, opcheck and input validation."""
 
 import math
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close, dtype_id, requires_ext, run_twice
+from conftest import DTYPES, assert_close, dtype_id, requires_ext, requires_triton, run_twice
 
 import sharedllm_ops as so
 from sharedllm_ops import reference as R
+from sharedllm_ops import triton as _triton
+
+TRITON = requires_triton("tree_topk")
+# every backend that can run here (the hand-computed checks loop over them)
+BACKENDS_HERE = ["reference"] + (["cpp"] if so._ext.loaded else []) + (
+    ["triton"] if _triton.has_op("tree_topk") and _triton.runs_on(torch.device("cpu")) else []
+)
+ALL_BACKENDS = [pytest.param("cpp", marks=requires_ext), "reference", pytest.param("triton", marks=TRITON)]
 
 
 def _level_offset(level, b):
@@ -115,7 +123,7 @@ def test_reference_hand_computed_paper_tree():
     s2 = [0.9, 0.1, 0.3, 0.8, 0.0, 0.0] + [0.0] * 8
     query = torch.ones(2, 1)
     emb = torch.tensor([[s1], [s2]], dtype=torch.float32).unsqueeze(-1)  # [2, 1, 14, 1]
-    for backend in ["reference"] + (["cpp"] if so._ext.loaded else []):
+    for backend in BACKENDS_HERE:
         node_ids, scores = so.tree_topk(query, emb, 3, 1, 2, "dot", backend=backend)
         assert node_ids.tolist() == [[[0, 10, 11, 5]], [[2, 8, 9, 1]]], backend
         assert_close(scores, emb[..., 0])
@@ -125,7 +133,7 @@ def test_reference_hand_computed_paper_tree():
     assert length.tolist() == [[[512, 128, 128, 256]], [[256, 128, 128, 512]]]
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_ext), "reference"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_ties_go_to_lower_id(backend):
     # all equal: always expand the leftmost node
     q, e = _dot_tree([0.5] * 14)
@@ -144,14 +152,14 @@ def test_ties_go_to_lower_id(backend):
     assert ids.tolist() == [[[6, 7, 3, 1]]]
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_ext), "reference"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_depth_one_preserves_all_level_one_nodes(backend):
     q, e = torch.randn(2, 4), torch.randn(2, 3, 3, 4)
     ids, scores = so.tree_topk(q, e, 1, 1, 3, backend=backend)
     assert ids.tolist() == [[[0, 1, 2]] * 3] * 2 and scores.shape == (2, 3, 3)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_ext), "reference"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_zero_vectors_score_zero(backend):
     """The 1e-8 clamp of the norms: a zero query or embedding scores 0 (not NaN) under cosine."""
     q = torch.zeros(1, 4)
@@ -273,16 +281,16 @@ def test_cpp_many_chunks():
     assert_close(scores, ref_scores)
 
 
-@requires_ext
-def test_public_output_is_not_differentiable():
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_public_output_is_not_differentiable(backend):
     query = torch.randn(2, 8, requires_grad=True)
     emb = torch.randn(2, 3, 6, 8, requires_grad=True)
-    for backend in ("cpp", "reference"):
-        ids, scores = so.tree_topk(query, emb, 2, backend=backend)
-        assert not scores.requires_grad and not ids.requires_grad
+    ids, scores = so.tree_topk(query, emb, 2, backend=backend)
+    assert not scores.requires_grad and not ids.requires_grad
+    assert ids.shape == (2, 3, 3) and scores.shape == (2, 3, 6)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_ext), "reference"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("B,C", [(0, 3), (2, 0), (0, 0)])
 def test_empty_batch_or_chunks(backend, B, C):
     """No sequences, or sequences without context chunks: empty outputs of the right shape.
@@ -346,7 +354,7 @@ PUBLIC_ONLY = [
 ]
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_ext), "reference"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("change,exc,match", [c[1:] for c in BAD + PUBLIC_ONLY], ids=[c[0] for c in BAD + PUBLIC_ONLY])
 def test_public_rejects_bad_input(backend, change, exc, match):
     a = {**_good(), **change}
@@ -402,3 +410,96 @@ def test_tree_spans_rejects_bad_input():
         so.tree_spans(ids, torch.tensor([[8]]), 0)
     with pytest.raises(ValueError, match="branching"):
         so.tree_spans(ids, torch.tensor([[8]]), 3, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. the Triton kernel against the reference (CPU tensors, Triton's interpreter: tiny shapes)
+
+
+@TRITON
+@pytest.mark.parametrize("score", ["cosine", "dot"])
+@pytest.mark.parametrize("depth,k,b", list(_grid()))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_triton_matches_reference(dtype, depth, k, b, score):
+    """D = 24 is one block of the head dim for small trees and two (the second masked) for the
+    340-node tree (b=4, depth=4), whose node block is 512 wide."""
+    B, C, D = 2, 2, 24
+    T = _num_nodes(depth, b)
+    query = torch.randn(B, D, dtype=dtype)
+    emb = torch.randn(B, C, T, D, dtype=dtype)
+    # poisoned outputs once per tree shape (the writes do not depend on the dtype or the score)
+    poisoned = dtype == torch.float32 and score == "cosine"
+    call = run_twice if poisoned else (lambda fn, *a, **kw: fn(*a, **kw))
+    ids, scores = call(so.tree_topk, query, emb, depth, k, b, score, backend="triton")
+    ref_ids, ref_scores = so.tree_topk(query, emb, depth, k, b, score, backend="reference")
+    assert_close(scores, ref_scores, dict(atol=2e-5, rtol=1e-5))
+    assert torch.equal(ids, ref_ids)
+    check_against_brute_force(ids, scores, depth, k, b)
+
+
+@TRITON
+@pytest.mark.parametrize("D", [1, 33, 64, 128])
+@pytest.mark.parametrize("layout", ["contiguous", "padded", "permuted"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_triton_head_dims_and_layouts(dtype, layout, D):
+    B, C, depth, b = 2, 2, 3, 2
+    T = _num_nodes(depth, b)
+    if layout == "contiguous":
+        query, emb = torch.randn(B, D, dtype=dtype), torch.randn(B, C, T, D, dtype=dtype)
+    elif layout == "padded":
+        query = torch.randn(B, D + 3, dtype=dtype)[:, 1 : D + 1]
+        emb = torch.randn(B + 1, C, T + 2, D + 5, dtype=dtype)[1:, :, 2:, 3 : D + 3]
+    else:  # chunks outermost in memory, nodes before batch
+        query = torch.randn(B, D, dtype=dtype)
+        emb = torch.randn(C, T, B, D, dtype=dtype).permute(2, 0, 1, 3)
+    for score in ("cosine", "dot"):
+        ids, scores = so.tree_topk(query, emb, depth, 1, b, score, backend="triton")
+        ref_ids, ref_scores = so.tree_topk(query, emb, depth, 1, b, score, backend="reference")
+        assert_close(scores, ref_scores, dict(atol=1e-4, rtol=1e-5))
+        assert torch.equal(ids, ref_ids)
+
+
+@TRITON
+def test_triton_many_chunks():
+    query, emb = torch.randn(2, 16), torch.randn(2, 19, 14, 16)
+    ids, scores = so.tree_topk(query, emb, 3, backend="triton")
+    ref_ids, ref_scores = so.tree_topk(query, emb, 3, backend="reference")
+    assert torch.equal(ids, ref_ids)
+    assert_close(scores, ref_scores)
+
+
+@requires_ext
+@TRITON
+def test_auto_prefers_cpp_over_triton_on_cpu():
+    """Under the interpreter Triton could run on CPU tensors, but auto still picks the C++ kernel."""
+    from sharedllm_ops.ops._dispatch import resolve_backend
+
+    assert resolve_backend("tree_topk", "auto", torch.device("cpu")) == "cpp"
+    query, emb = torch.randn(2, 8), torch.randn(2, 3, 14, 8)
+    for got, want in zip(so.tree_topk(query, emb, 3), so.tree_topk(query, emb, 3, backend="cpp")):
+        assert torch.equal(got, want)
+
+
+@TRITON
+@pytest.mark.parametrize("depth,k,b,score", [(3, 1, 2, "cosine"), (2, 2, 4, "dot"), (1, 1, 2, "cosine")])
+def test_triton_opcheck_tree_topk(depth, k, b, score):
+    T = _num_nodes(depth, b)
+    torch.library.opcheck(
+        torch.ops.sharedllm_triton.tree_topk.default, (torch.randn(2, 8), torch.randn(2, 3, T, 8), depth, k, b, score)
+    )
+
+
+@TRITON
+@pytest.mark.parametrize("change,exc,match", [c[1:] for c in DIRECT], ids=[c[0] for c in DIRECT])
+def test_triton_op_rejects_bad_input(change, exc, match):
+    a = {**_good(), **change}
+    with pytest.raises(exc, match=match):
+        torch.ops.sharedllm_triton.tree_topk(a["query"], a["node_emb"], a["depth"], a["k"], a["branching"], a["score"])
+
+
+@TRITON
+def test_triton_op_rejects_device_mismatch():
+    """A "meta" node_emb with a CPU query dispatches to the fake kernel, which must reject it."""
+    a = _good()
+    with pytest.raises(ValueError, match=r"node_emb.*device"):
+        torch.ops.sharedllm_triton.tree_topk(a["query"], a["node_emb"].to("meta"), 3, 1, 2, "cosine")

@@ -42,6 +42,29 @@ def cross_inject_attention(
         ``out [Nq, Hq, Dv]`` (``q``'s dtype), or ``(out, lse)``. A sequence without keys gives
         ``out = 0`` and ``lse = -inf``. Differentiable in ``q``, ``k``, ``v`` (and through ``lse``).
     """
+    check_arguments(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, rotary_cos, rotary_sin)
+    Nq, Hq, D = q.shape
+    Nk = k.shape[0]
+    scale = float(D**-0.5 if softmax_scale is None else softmax_scale)
+    impl = resolve_backend("cross_inject_attention", backend, q.device)
+    if impl == "reference":
+        V.check_cu_seqlens_values(cu_seqlens_q, Nq, "cu_seqlens_q", "q.shape[0]")
+        V.check_cu_seqlens_values(cu_seqlens_k, Nk, "cu_seqlens_k", "k.shape[0]")
+        if rotary_cos is not None:
+            V.check_positions_values(q_positions, rotary_cos.shape[0], "q_positions")
+            V.check_positions_values(k_positions, rotary_cos.shape[0], "k_positions")
+        return reference.cross_inject_attention(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, scale, q_positions, k_positions, rotary_cos, rotary_sin, return_lse
+        )
+    op = torch.ops.sharedllm_triton if impl == "triton" else torch.ops.sharedllm
+    out, lse = op.cross_inject_attention(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, scale, q_positions, k_positions, rotary_cos, rotary_sin
+    )
+    return (out, lse) if return_lse else out
+
+
+def check_arguments(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, rotary_cos, rotary_sin) -> None:
+    """Shape, dtype, stride and device checks of ``cross_inject_attention`` (no tensor values)."""
     V.check_float(q, "q", "[Nq, Hq, D]", 3)
     V.check_float(k, "k", "[Nk, Hk, D]", 3)
     V.check_float(v, "v", "[Nk, Hk, Dv]", 3)
@@ -88,22 +111,6 @@ def cross_inject_attention(
                 f"q_positions and k_positions must have shapes [{Nq}] and [{Nk}], got "
                 f"{tuple(q_positions.shape)} and {tuple(k_positions.shape)}"
             )
-    scale = float(D**-0.5 if softmax_scale is None else softmax_scale)
-    impl = resolve_backend("cross_inject_attention", backend, q.device)
-    if impl == "reference":
-        V.check_cu_seqlens_values(cu_seqlens_q, Nq, "cu_seqlens_q", "q.shape[0]")
-        V.check_cu_seqlens_values(cu_seqlens_k, Nk, "cu_seqlens_k", "k.shape[0]")
-        if rotary_cos is not None:
-            V.check_positions_values(q_positions, rotary_cos.shape[0], "q_positions")
-            V.check_positions_values(k_positions, rotary_cos.shape[0], "k_positions")
-        return reference.cross_inject_attention(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, scale, q_positions, k_positions, rotary_cos, rotary_sin, return_lse
-        )
-    op = torch.ops.sharedllm_triton if impl == "triton" else torch.ops.sharedllm
-    out, lse = op.cross_inject_attention(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, scale, q_positions, k_positions, rotary_cos, rotary_sin
-    )
-    return (out, lse) if return_lse else out
 
 
 def merge_attention(

@@ -36,6 +36,18 @@ def tree_topk(
         node_ids: int32 ``[B, C, P]``, the preserved nodes left to right (they tile the chunk).
         scores: float32 ``[B, C, T]``, every node's score. Selection is not differentiable.
     """
+    check_arguments(query, node_emb, depth, k, branching, score)
+    query, node_emb = query.detach(), node_emb.detach()
+    impl = resolve_backend("tree_topk", backend, query.device)
+    if impl == "reference":
+        return reference.tree_topk(query, node_emb, depth, k, branching, score)
+    if impl == "triton":
+        return torch.ops.sharedllm_triton.tree_topk(query, node_emb, depth, k, branching, score)
+    return torch.ops.sharedllm.tree_topk(query, node_emb, depth, k, branching, score)
+
+
+def check_arguments(query, node_emb, depth, k, branching, score) -> None:
+    """Shape, dtype and parameter checks of ``tree_topk`` (no tensor values)."""
     V.check_float(query, "query", "[B, D]", 2)
     V.check_float(node_emb, "node_emb", "[B, C, T, D]", 4)
     V.check_same(node_emb, query, "node_emb", "query")
@@ -52,13 +64,6 @@ def tree_topk(
             f"node_emb.shape[2] must be the number of tree nodes b + ... + b^depth = {T} "
             f"(depth={depth}, branching={branching}), got {node_emb.shape[2]}"
         )
-    query, node_emb = query.detach(), node_emb.detach()
-    impl = resolve_backend("tree_topk", backend, query.device)
-    if impl == "reference":
-        return reference.tree_topk(query, node_emb, depth, k, branching, score)
-    if impl == "triton":
-        return torch.ops.sharedllm_triton.tree_topk(query, node_emb, depth, k, branching, score)
-    return torch.ops.sharedllm.tree_topk(query, node_emb, depth, k, branching, score)
 
 
 def tree_spans(

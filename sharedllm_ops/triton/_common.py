@@ -30,6 +30,3 @@ def check_cu_seqlens_values(cu: torch.Tensor, total: int, name: str, total_name:
     Reading them costs one device-to-host copy on the GPU."""
     V.check_cu_seqlens_values(cu, total, name, total_name)
 
-
-def as_int32_rows(values: torch.Tensor) -> torch.Tensor:
-    return values.to(torch.int32).contiguous()

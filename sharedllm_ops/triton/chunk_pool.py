@@ -88,9 +88,12 @@ def _block_d(D: int) -> int:
 def chunk_pool(x: torch.Tensor, cu_seqlens: torch.Tensor, tokens_per_node: int, mode: str) -> torch.Tensor:
     """``[S * P, H, D]`` pooled rows of ``x: [N, H, D]`` (see ``sharedllm_ops.chunk_pool``)."""
     V.check_float(x, "x", "[N, H, D]", 3)
-    V.check_devices(x, cu_seqlens=cu_seqlens)
+    V.check_cu_seqlens(cu_seqlens, "cu_seqlens", x.device)
+    V.check_int(tokens_per_node, "tokens_per_node", 1)
+    V.check_choice(mode, "mode", POOL_MODES)
     check_launch("chunk_pool", x)
     check_cu_seqlens_values(cu_seqlens, x.shape[0], "cu_seqlens", "x.shape[0]")
+    cu_seqlens = cu_seqlens.contiguous()  # the kernel reads it with unit stride
     N, H, D = x.shape
     S, P = cu_seqlens.shape[0] - 1, tokens_per_node
     out = torch.empty(S * P, H, D, dtype=x.dtype, device=x.device)
@@ -111,12 +114,16 @@ def chunk_pool_backward(
 ) -> torch.Tensor:
     """``[num_rows, H, D]`` gradient of ``chunk_pool`` with respect to ``x``."""
     V.check_float(grad_out, "grad_out", "[S * P, H, D]", 3)
-    V.check_devices(grad_out, cu_seqlens=cu_seqlens)
+    V.check_cu_seqlens(cu_seqlens, "cu_seqlens", grad_out.device)
+    V.check_int(tokens_per_node, "tokens_per_node", 1)
+    V.check_int(num_rows, "num_rows", 0)
+    V.check_choice(mode, "mode", POOL_MODES)
     check_launch("chunk_pool_backward", grad_out)
     S, P = cu_seqlens.shape[0] - 1, tokens_per_node
     if grad_out.dim() != 3 or grad_out.shape[0] != S * P:
         raise ValueError(f"grad_out must have shape [S * P = {S * P}, H, D], got {tuple(grad_out.shape)}")
     check_cu_seqlens_values(cu_seqlens, num_rows, "cu_seqlens", "num_rows")
+    cu_seqlens = cu_seqlens.contiguous()  # the kernel reads it with unit stride
     _, H, D = grad_out.shape
     grad_x = torch.empty(num_rows, H, D, dtype=grad_out.dtype, device=grad_out.device)
     if grad_x.numel() == 0:

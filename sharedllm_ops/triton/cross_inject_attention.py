@@ -245,27 +245,16 @@ def _low_precision(dtype: torch.dtype) -> bool:
 
 
 def _check(q, k, v, cu_q, cu_k, q_pos, k_pos, cos, sin, what: str) -> tuple[list[int], list[int]]:
-    V.check_float(q, "q", "[Nq, Hq, D]", 3)
-    V.check_float(k, "k", "[Nk, Hk, D]", 3)
-    V.check_float(v, "v", "[Nk, Hk, Dv]", 3)
-    V.check_devices(q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, q_positions=q_pos, k_positions=k_pos,
-                    rotary_cos=cos, rotary_sin=sin)
+    """The public function's argument checks, then the value checks the kernels rely on; returns
+    the boundaries on the host (they build the tile tables)."""
+    from ..ops.cross_inject_attention import check_arguments  # here: ops imports this package
+
+    check_arguments(q, k, v, cu_q, cu_k, q_pos, k_pos, cos, sin)
+    V.check_devices(q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     check_launch(what, q)
-    Hq, Hk = q.shape[1], k.shape[1]
-    if k.shape[0] != v.shape[0] or k.shape[1] != v.shape[1] or k.shape[2] != q.shape[2] or Hk < 1 or Hq % Hk:
-        raise ValueError(f"{what}: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} do not fit together")
-    if cu_q.shape[0] != cu_k.shape[0]:
-        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
     check_cu_seqlens_values(cu_q, q.shape[0], "cu_seqlens_q", "q.shape[0]")
     check_cu_seqlens_values(cu_k, k.shape[0], "cu_seqlens_k", "k.shape[0]")
-    rotary = (q_pos, k_pos, cos, sin)
-    if any(t is not None for t in rotary):
-        if any(t is None for t in rotary):
-            raise ValueError("the fused rotary needs all of rotary_cos, rotary_sin, q_positions and k_positions")
-        if q.shape[2] % 2 or cos.dim() != 2 or cos.shape[1] != q.shape[2] or sin.shape != cos.shape:
-            raise ValueError(f"rotary_cos/rotary_sin must be [max_pos, D={q.shape[2]}] with an even D")
-        if q_pos.shape != (q.shape[0],) or k_pos.shape != (k.shape[0],):
-            raise ValueError("q_positions and k_positions must have shapes [Nq] and [Nk]")
+    if cos is not None:
         V.check_positions_values(q_pos, cos.shape[0], "q_positions")
         V.check_positions_values(k_pos, cos.shape[0], "k_positions")
     return cu_q.tolist(), cu_k.tolist()
@@ -280,6 +269,8 @@ def cross_inject_attention(
     """``(out [Nq, Hq, Dv], lse float32 [Nq, Hq])`` (see ``sharedllm_ops.cross_inject_attention``)."""
     cu_q, _ = _check(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, rotary_cos, rotary_sin,
                      "cross_inject_attention")
+    cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, rotary_cos, rotary_sin = _dense_indices(
+        cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, rotary_cos, rotary_sin)
     Nq, Hq, D = q.shape
     Hk, Dv = v.shape[1], v.shape[2]
     out = torch.empty(Nq, Hq, Dv, dtype=q.dtype, device=q.device)
@@ -304,6 +295,12 @@ def cross_inject_attention(
     return out, lse
 
 
+def _dense_indices(*tensors):
+    """The kernels read cu_seqlens and positions with unit stride and table rows with unit column
+    stride: copy the (tiny) index tensors that are strided views."""
+    return tuple(None if t is None else t.contiguous() if t.dim() == 1 or t.stride(-1) != 1 else t for t in tensors)
+
+
 def _rotate(x, positions, cos, sin, inverse: bool = False) -> torch.Tensor:
     """``x * cos + rotate_half(x) * sin`` in float32 (its transpose with ``inverse``)."""
     c = cos.float()[positions.long()][:, None, :]
@@ -326,6 +323,7 @@ def cross_inject_attention_backward(
     """``(dq, dk, dv)``, contiguous, in the inputs' dtype."""
     cu_q, cu_k = _check(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, rotary_cos, rotary_sin,
                         "cross_inject_attention_backward")
+    cu_seqlens_q, cu_seqlens_k = _dense_indices(cu_seqlens_q, cu_seqlens_k)
     Nq, Hq, D = q.shape
     Nk, Hk, Dv = v.shape
     if grad_out.shape != (Nq, Hq, Dv) or out.shape != grad_out.shape or lse.shape != (Nq, Hq):
@@ -336,6 +334,11 @@ def cross_inject_attention_backward(
     if grad_lse is not None and grad_lse.shape != (Nq, Hq):
         raise ValueError(f"grad_lse must have shape [Nq, Hq] = {(Nq, Hq)}, got {tuple(grad_lse.shape)}")
     V.check_devices(q, grad_out=grad_out, grad_lse=grad_lse, out=out, lse=lse)
+    V.check_same(grad_out, q, "grad_out", "q")
+    V.check_same(out, q, "out", "q")
+    V.check_tensor(lse, "lse", "[Nq, Hq]", 2, (torch.float32,))
+    if grad_lse is not None:
+        V.check_tensor(grad_lse, "grad_lse", "[Nq, Hq]", 2, (torch.float32,))
     rotary = rotary_cos is not None
     low = _low_precision(q.dtype)
     work = q.dtype if low else torch.float32

@@ -15,8 +15,10 @@ import triton
 import triton.language as tl
 
 from ..ops import _validate as V
-from ..reference.tree_topk import SCORE_MODES, level_offset, num_preserved, num_tree_nodes
+from ..reference.tree_topk import level_offset, num_preserved
 from ._common import check_launch, next_pow2
+
+MAX_NODES = 512  # the descent compares every node with every other: a [T, T] tile
 
 
 @triton.jit
@@ -110,16 +112,15 @@ def tree_topk(
     query: torch.Tensor, node_emb: torch.Tensor, depth: int, k: int, branching: int, score: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(node_ids int32 [B, C, P], scores float32 [B, C, T])`` (see ``sharedllm_ops.tree_topk``)."""
-    V.check_float(query, "query", "[B, D]", 2)
-    V.check_float(node_emb, "node_emb", "[B, C, T, D]", 4)
-    V.check_devices(query, node_emb=node_emb)
+    from ..ops.tree_topk import check_arguments  # here: ops imports this package
+
+    check_arguments(query, node_emb, depth, k, branching, score)
     check_launch("tree_topk", query)
-    V.check_choice(score, "score", SCORE_MODES)
     B, C, T, D = node_emb.shape
-    if T != num_tree_nodes(depth, branching) or query.shape[0] != B or query.shape[1] != D or not 1 <= k <= branching:
+    if T > MAX_NODES:
         raise ValueError(
-            f"tree_topk: node_emb {tuple(node_emb.shape)} and query {tuple(query.shape)} do not fit "
-            f"depth={depth}, k={k}, branching={branching}"
+            f"the Triton tree_topk handles trees of up to {MAX_NODES} nodes (it ranks them in registers), "
+            f"got depth={depth}, branching={branching}: {T} nodes; use backend='cuda' or 'reference'"
         )
     P = num_preserved(depth, k, branching)
     ids = torch.empty(B, C, P, dtype=torch.int32, device=query.device)
