@@ -12,7 +12,7 @@ import pytest
 import torch
 
 # The backends every benchmark group is compared against, when they were timed in the same run.
-PEERS = ("reference", "torch_sdpa")
+PEERS = ("reference", "torch_sdpa", "torch_copy", "torch_read", "torch_unfused", "cuda")
 
 
 def pytest_collect_file(file_path, parent):

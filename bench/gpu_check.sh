@@ -11,6 +11,8 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+# compiled Triton on the GPU (tests/conftest.py defaults to the CPU interpreter otherwise)
+export TRITON_INTERPRET=0
 { nvidia-smi; $PY -c 'import torch, sys; print(sys.version, torch.__version__, torch.version.cuda)'; } > "$OUT/machine.txt" 2>&1
 
 start=$SECONDS
@@ -19,9 +21,20 @@ echo "build: $((SECONDS - start)) s"
 $PY -m sharedllm_ops info | tee "$OUT/info.txt"
 
 # the tests that touch the GPU (the CPU ones ran in CI), then the benchmarks
-$PY -m pytest tests -q -x -k "cuda or triton or gpu or model" > "$OUT/tests.log" 2>&1
-echo "tests: rc=$? ($(tail -1 "$OUT/tests.log"))"
-$PY -m pytest bench --benchmark-only -q -k "cuda or triton or gpu" --benchmark-json="$OUT/gpu.json" > "$OUT/bench.log" 2>&1
+$PY -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs > "$OUT/tests_gpu.log" 2>&1
+echo "GPU kernel tests: rc=$? ($(tail -1 "$OUT/tests_gpu.log"))"
+$PY -m pytest tests -q -p no:cacheprovider -k "cuda or model" --deselect tests/test_gpu.py > "$OUT/tests.log" 2>&1
+echo "other CUDA and model tests: rc=$? ($(tail -1 "$OUT/tests.log"))"
+# memory errors and shared-memory races of the kernels, on a small selection
+SAN="$CUDA_HOME/bin/compute-sanitizer"
+if [ -x "$SAN" ]; then
+  for tool in memcheck racecheck; do
+    "$SAN" --tool "$tool" --error-exitcode 9 $PY -m pytest tests/test_gpu.py -q -p no:cacheprovider \
+      -k "opcheck or trees or scalar_path" > "$OUT/sanitizer_$tool.log" 2>&1
+    echo "compute-sanitizer $tool: rc=$? ($(grep -m1 'ERROR SUMMARY' "$OUT/sanitizer_$tool.log"))"
+  done
+fi
+$PY -m pytest bench --benchmark-only -q -p no:cacheprovider -k "gpu" --benchmark-json="$OUT/gpu.json" > "$OUT/bench.log" 2>&1
 echo "bench: rc=$? ($(tail -1 "$OUT/bench.log"))"
 $PY bench/report.py "$OUT/gpu.json" > "$OUT/gpu.md" 2>&1 && cat "$OUT/gpu.md"
 echo "total: $((SECONDS - start)) s"

@@ -21,12 +21,38 @@ from pathlib import Path
 
 from sharedllm_ops.workloads import format_seconds
 
-PEER_COLUMNS = (("reference", "vs reference"), ("torch_sdpa", "vs torch peer"))
+# (peer backends, column): the first peer of the tuple that ran in a row's group is its peer.
+PEER_COLUMNS = (
+    (("reference",), "vs reference"),
+    (("torch_sdpa", "torch_copy", "torch_read"), "vs torch peer"),
+    (("torch_unfused",), "vs rotary + SDPA"),
+    (("cuda",), "vs CUDA kernel"),
+)
+ROOFLINE = {"copy": "bytes", "matmul": "flops"}  # roofline rows: the measured peaks
+
+
+def measured_peaks(data: dict) -> dict:
+    """``{"bytes": B/s, "flops": FLOP/s}`` of the run's roofline rows (GPU runs only)."""
+    peaks = {}
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        if info.get("op") == "roofline" and ROOFLINE.get(info.get("pass")) in info:
+            unit = ROOFLINE[info["pass"]]
+            peaks[unit] = info[unit] / bench["stats"]["median"]
+    return peaks
+
+
+def percent_of_peak(info: dict, seconds: float, peaks: dict) -> str:
+    for unit in ("flops", "bytes"):
+        if unit in info and unit in peaks and info.get("op") != "roofline":
+            return f"{100 * info[unit] / seconds / peaks[unit]:.0f}%"
+    return ""
 
 
 def throughput(info: dict, seconds: float) -> str:
     if "flops" in info:
-        return f"{info['flops'] / seconds / 1e9:.1f} GFLOP/s"
+        rate = info["flops"] / seconds
+        return f"{rate / 1e12:.1f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.1f} GFLOP/s"
     if "bytes" in info:
         return f"{info['bytes'] / seconds / 1e9:.2f} GB/s"
     return ""
@@ -42,6 +68,7 @@ def table_rows(data: dict) -> list[list[str]]:
     for bench in data["benchmarks"]:
         medians[bench["group"]][bench["extra_info"].get("backend", bench["name"])] = bench["stats"]["median"]
     rows = []
+    peaks = measured_peaks(data)
     for bench in data["benchmarks"]:
         if is_model_row(bench):
             continue
@@ -51,7 +78,8 @@ def table_rows(data: dict) -> list[list[str]]:
         if "mode" in info:
             shape += f", {info['mode']}"
         speedups = []
-        for peer, _ in PEER_COLUMNS:
+        for peers, _ in PEER_COLUMNS:
+            peer = next((p for p in peers if p in medians[bench["group"]]), None)
             peer_median = medians[bench["group"]].get(peer)
             speedups.append(f"{peer_median / median:.2f}x" if peer_median and peer != backend else "")
         rows.append(
@@ -63,6 +91,7 @@ def table_rows(data: dict) -> list[list[str]]:
                 backend,
                 format_seconds(median, decimals_s=3),
                 throughput(info, median),
+                percent_of_peak(info, median, peaks),
                 *speedups,
             ]
         )
@@ -210,9 +239,13 @@ def render_model(data: dict) -> str:
 
 
 def render(data: dict) -> str:
-    header = ["op", "pass", "shape", "dtype", "backend", "median", "throughput"] + [c for _, c in PEER_COLUMNS]
+    header = ["op", "pass", "shape", "dtype", "backend", "median", "throughput", "% of measured peak"]
+    header += [c for _, c in PEER_COLUMNS]
+    rows = table_rows(data)
+    keep = [i for i in range(len(header)) if i < 7 or any(row[i] for row in rows)]  # drop empty columns
+    header, rows = [header[i] for i in keep], [[row[i] for i in keep] for row in rows]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(data)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     machine = data.get("machine_info", {})
     cpu = machine.get("cpu", {})
     commit = data.get("commit_info", {})
@@ -223,8 +256,9 @@ def render(data: dict) -> str:
         f"torch {machine.get('torch', '?')} with {machine.get('torch_threads', '?')} threads; "
         f"Python {machine.get('python_version', '?')}.",
         "Median time per call. Throughput: FLOPs (attention; backward = 2.5x forward, FlashAttention's "
-        "convention) or bytes read + written (chunk_pool, tree_topk) per second. Speed-ups divide the "
-        "medians of this same run; above 1 = this backend is faster.",
+        "convention) or bytes read + written (chunk_pool, tree_topk) per second; on a GPU, % of the peak "
+        "measured in the same run (roofline rows: a 2 GiB device copy, a bf16 8192^3 matmul). Speed-ups "
+        "divide the medians of this same run; above 1 = this backend is faster.",
     ]
     has_ops = any(not is_model_row(bench) for bench in data["benchmarks"])
     has_model = any(is_model_row(bench) for bench in data["benchmarks"])

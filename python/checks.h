@@ -6,7 +6,9 @@
 
 #include <string>
 
+#include "sharedllm/chunk_pool.h"
 #include "sharedllm/common.h"
+#include "sharedllm/tree_topk.h"
 
 namespace sharedllm::binding {
 
@@ -66,6 +68,47 @@ inline void check_positions(const at::Tensor& pos, int64_t n, int64_t max_pos, c
   const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
   TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < max_pos, name, " must lie in [0, ", max_pos,
                     ") (the rows of the rotary table), got values in [", lo_v, ", ", hi_v, "]");
+}
+
+// The argument checks of each op, shared by its CPU and CUDA bindings.
+
+inline PoolMode parse_pool_mode(c10::string_view mode) {
+  if (mode == "mean") return PoolMode::kMean;
+  if (mode == "first") return PoolMode::kFirst;
+  TORCH_CHECK_VALUE(false, "mode must be \"mean\" or \"first\", got \"", std::string(mode), "\"");
+}
+
+inline void check_chunk_pool_args(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t tokens_per_node,
+                                  const char* x_name) {
+  check_rank(x, 3, x_name, "[N, H, D]");
+  check_float_dtype(x, x_name);
+  check_last_dim_contiguous(x, x_name);
+  check_same_device(cu_seqlens, x, "cu_seqlens", x_name);
+  TORCH_CHECK_VALUE(tokens_per_node >= 1, "tokens_per_node must be >= 1, got ", tokens_per_node);
+}
+
+inline void check_tree_topk_args(const at::Tensor& query, const at::Tensor& node_emb, int64_t depth, int64_t k,
+                                 int64_t branching, c10::string_view score) {
+  check_rank(query, 2, "query", "[B, D]");
+  check_rank(node_emb, 4, "node_emb", "[B, C, T, D]");
+  check_float_dtype(query, "query");
+  check_same_dtype(node_emb, query, "node_emb", "query");
+  check_same_device(node_emb, query, "node_emb", "query");
+  check_last_dim_contiguous(query, "query");
+  check_last_dim_contiguous(node_emb, "node_emb");
+  TORCH_CHECK_VALUE(depth >= 1, "depth must be >= 1, got ", depth);
+  TORCH_CHECK_VALUE(branching >= 2, "branching must be >= 2, got ", branching);
+  TORCH_CHECK_VALUE(k >= 1 && k <= branching, "k must be in [1, branching = ", branching, "], got ", k);
+  TORCH_CHECK_VALUE(score == "cosine" || score == "dot", "score must be \"cosine\" or \"dot\", got \"",
+                    std::string(score), "\"");
+  const int64_t B = query.size(0), D = query.size(1), T = node_emb.size(2);
+  TORCH_CHECK_VALUE(node_emb.size(0) == B, "node_emb.shape[0] must equal query.shape[0] = ", B, ", got ",
+                    node_emb.size(0));
+  TORCH_CHECK_VALUE(node_emb.size(3) == D, "node_emb.shape[3] must equal query.shape[1] = ", D, ", got ",
+                    node_emb.size(3));
+  const int64_t expected_nodes = tree_num_nodes(depth, branching);
+  TORCH_CHECK_VALUE(T == expected_nodes, "node_emb.shape[2] must be the number of tree nodes b + ... + b^depth = ",
+                    expected_nodes, " for depth ", depth, " and branching ", branching, ", got ", T);
 }
 
 // Pointer cast from torch's 16-bit float types to the layout-compatible csrc storage types.

@@ -5,29 +5,12 @@
 #include "ops.h"
 
 namespace sharedllm::binding {
-namespace {
-
-PoolMode parse_mode(c10::string_view mode) {
-  if (mode == "mean") return PoolMode::kMean;
-  if (mode == "first") return PoolMode::kFirst;
-  TORCH_CHECK_VALUE(false, "mode must be \"mean\" or \"first\", got \"", std::string(mode), "\"");
-}
-
-void check_pool_args(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t tokens_per_node, const char* x_name) {
-  check_rank(x, 3, x_name, "[N, H, D]");
-  check_float_dtype(x, x_name);
-  check_last_dim_contiguous(x, x_name);
-  check_same_device(cu_seqlens, x, "cu_seqlens", x_name);
-  TORCH_CHECK_VALUE(tokens_per_node >= 1, "tokens_per_node must be >= 1, got ", tokens_per_node);
-}
-
-}  // namespace
 
 at::Tensor chunk_pool_cpu(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t tokens_per_node,
                           c10::string_view mode) {
-  check_pool_args(x, cu_seqlens, tokens_per_node, "x");
+  check_chunk_pool_args(x, cu_seqlens, tokens_per_node, "x");
   check_cu_seqlens(cu_seqlens, x.size(0), "cu_seqlens", "x.shape[0]");
-  const PoolMode pool_mode = parse_mode(mode);
+  const PoolMode pool_mode = parse_pool_mode(mode);
   const int64_t S = cu_seqlens.size(0) - 1;
   at::Tensor out = at::empty({S * tokens_per_node, x.size(1), x.size(2)}, x.options());
   if (out.numel() == 0) return out;
@@ -42,9 +25,9 @@ at::Tensor chunk_pool_cpu(const at::Tensor& x, const at::Tensor& cu_seqlens, int
 
 at::Tensor chunk_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& cu_seqlens, int64_t num_rows,
                                    int64_t tokens_per_node, c10::string_view mode) {
-  check_pool_args(grad_out, cu_seqlens, tokens_per_node, "grad_out");
+  check_chunk_pool_args(grad_out, cu_seqlens, tokens_per_node, "grad_out");
   check_cu_seqlens(cu_seqlens, num_rows, "cu_seqlens", "num_rows");
-  const PoolMode pool_mode = parse_mode(mode);
+  const PoolMode pool_mode = parse_pool_mode(mode);
   const int64_t S = cu_seqlens.size(0) - 1;
   TORCH_CHECK_VALUE(grad_out.size(0) == S * tokens_per_node, "grad_out must have ", S * tokens_per_node,
                     " rows (segments x tokens_per_node), got ", grad_out.size(0));

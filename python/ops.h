@@ -32,6 +32,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_inject_attention_backward_c
     const std::optional<at::Tensor>& k_positions, const std::optional<at::Tensor>& rotary_cos,
     const std::optional<at::Tensor>& rotary_sin);
 
+#ifdef SHAREDLLM_WITH_CUDA
+at::Tensor chunk_pool_cuda(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t tokens_per_node,
+                           c10::string_view mode);
+at::Tensor chunk_pool_backward_cuda(const at::Tensor& grad_out, const at::Tensor& cu_seqlens, int64_t num_rows,
+                                    int64_t tokens_per_node, c10::string_view mode);
+std::tuple<at::Tensor, at::Tensor> tree_topk_cuda(const at::Tensor& query, const at::Tensor& node_emb, int64_t depth,
+                                                  int64_t k, int64_t branching, c10::string_view score);
+#endif
+
 std::string build_info();
 
 }  // namespace sharedllm::binding

@@ -1,6 +1,6 @@
-"""torch.compile(fullgraph=True) over every op with backend="cpp", and over the Triton kernels of
-chunk_pool and tree_topk (CPU tensors in Triton's interpreter: the custom ops are opaque to dynamo,
-so the graph holds them as calls): the fake kernels, the registered autograd and the dispatch code
+"""torch.compile(fullgraph=True) over every op with backend="cpp", and with backend="triton" (CPU
+tensors in Triton's interpreter: the custom ops are opaque to dynamo, so the graph holds them as
+calls): the fake kernels, the registered autograd and the dispatch code
 must all trace, and the compiled result must equal eager. Compiling is slow, so each backend has
 one function, compiled once (plus one dynamic-shape trace)."""
 
@@ -14,18 +14,23 @@ import sharedllm_ops as so
 H, D, P = 2, 16, 4
 
 
-def pipeline(x, cu_x, query, node_emb, q, cu_q, cu_k, q_pos, k_pos, cos, sin, k2, v2, cu_k2):
+def pipeline(x, cu_x, query, node_emb, q, cu_q, cu_k, q_pos, k_pos, cos, sin, k2, v2, cu_k2, backend="cpp"):
     """A small SharedLLM-like step: pool context KV, pick tree nodes, attend to the pooled context
     with the fused rotary, attend to the recent keys, merge both attentions."""
-    k_ctx = so.chunk_pool(x, cu_x, P, "mean", backend="cpp")
-    v_ctx = so.chunk_pool(x * 0.5 + 1.0, cu_x, P, "first", backend="cpp")
-    node_ids, scores = so.tree_topk(query, node_emb, 3, 1, 2, "cosine", backend="cpp")
+    k_ctx = so.chunk_pool(x, cu_x, P, "mean", backend=backend)
+    v_ctx = so.chunk_pool(x * 0.5 + 1.0, cu_x, P, "first", backend=backend)
+    node_ids, scores = so.tree_topk(query, node_emb, 3, 1, 2, "cosine", backend=backend)
     out_c, lse_c = so.cross_inject_attention(
-        q, k_ctx, v_ctx, cu_q, cu_k, None, q_pos, k_pos, cos, sin, return_lse=True, backend="cpp"
+        q, k_ctx, v_ctx, cu_q, cu_k, None, q_pos, k_pos, cos, sin, return_lse=True, backend=backend
     )
-    out_r, lse_r = so.cross_inject_attention(q, k2, v2, cu_q, cu_k2, 0.2, return_lse=True, backend="cpp")
+    out_r, lse_r = so.cross_inject_attention(q, k2, v2, cu_q, cu_k2, 0.2, return_lse=True, backend=backend)
     out, lse = so.merge_attention(out_c, lse_c, out_r, lse_r)
     return out, lse, node_ids, scores
+
+
+def triton_pipeline(**inputs):
+    """The same step with every op on the Triton backend."""
+    return pipeline(**inputs, backend="triton")
 
 
 def make_inputs(seg_lens, seqs_of_segs, lq, lk2, seed=0):
@@ -109,74 +114,39 @@ def test_compile_dynamic_shapes_no_recompile(rotary):
 
 
 # --------------------------------------------------------------------------------------------
-# the Triton kernels (chunk_pool and tree_topk)
-
-
-
-def triton_pipeline(x, cu_x, query, node_emb):
-    """Pool context KV both ways and pick tree nodes, all with backend="triton"."""
-    k_ctx = so.chunk_pool(x, cu_x, P, "mean", backend="triton")
-    v_ctx = so.chunk_pool(x * 0.5 + 1.0, cu_x, P, "first", backend="triton")
-    node_ids, scores = so.tree_topk(query, node_emb, 3, 1, 2, "cosine", backend="triton")
-    return k_ctx, v_ctx, node_ids, scores
-
-
-def make_triton_inputs(seg_lens, batch, chunks, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        x=torch.randn(sum(seg_lens), H, D, generator=g).requires_grad_(),
-        cu_x=cu_seqlens(seg_lens),
-        query=torch.randn(batch, D, generator=g),
-        node_emb=torch.randn(batch, chunks, 14, D, generator=g),
-    )
-
-
-def run_triton(fn, inputs):
-    k_ctx, v_ctx, node_ids, scores = fn(**inputs)
-    weights = torch.linspace(-1, 1, D)
-    loss = (k_ctx * weights).sum() + (v_ctx * v_ctx).sum()
-    (grad_x,) = torch.autograd.grad(loss, inputs["x"])
-    return (k_ctx, v_ctx, node_ids, scores), grad_x
-
-
-def compare_triton(eager, compiled):
-    (e_k, e_v, e_ids, e_scores), e_grad = eager
-    (c_k, c_v, c_ids, c_scores), c_grad = compiled
-    assert_close(c_k, e_k, dict(atol=1e-5, rtol=1e-5))
-    assert torch.equal(c_v, e_v)  # "first" copies rows (the affine map before it is elementwise)
-    assert torch.equal(c_ids, e_ids)
-    assert_close(c_scores, e_scores)
-    assert_close(c_grad, e_grad, dict(atol=1e-5, rtol=1e-5), msg="grad x")
+# the Triton kernels (CPU tensors in the interpreter)
 
 
 @requires_triton("chunk_pool")
 @requires_triton("tree_topk")
+@requires_triton("cross_inject_attention")
 def test_compile_triton_fullgraph_matches_eager():
     """Inductor on CPU: the Triton ops stay opaque calls (run in the interpreter), the rest is C++."""
     torch._dynamo.reset()
-    inputs = make_triton_inputs(seg_lens=[5, 0, 3, 12, 1], batch=2, chunks=3)
-    eager = run_triton(triton_pipeline, inputs)
-    assert torch.count_nonzero(eager[0][0][P : 2 * P]) == 0  # the empty segment
-    compiled_fn = torch.compile(triton_pipeline, fullgraph=True)
-    compare_triton(eager, run_triton(compiled_fn, inputs))
+    inputs = make_inputs(seg_lens=[5, 0, 3, 12, 10, 1], seqs_of_segs=[2, 1, 3], lq=[3, 0, 4], lk2=[4, 2, 0])
+    eager = run(triton_pipeline, inputs)
+    compare(eager, run(torch.compile(triton_pipeline, fullgraph=True), inputs))
     # the compiled graph calls the Triton ops (not, say, the reference traced through)
     graphs = []
     torch._dynamo.reset()
-    torch.compile(
-        triton_pipeline, fullgraph=True, backend=lambda gm, _: graphs.append(gm) or gm.forward
-    )(**inputs)
+    torch.compile(triton_pipeline, fullgraph=True, backend=lambda gm, _: graphs.append(gm) or gm.forward)(**inputs)
     code = "\n".join(gm.code for gm in graphs)
-    assert "sharedllm_triton.chunk_pool" in code and "sharedllm_triton.tree_topk" in code, code
+    for op in ("chunk_pool", "tree_topk", "cross_inject_attention"):
+        assert f"sharedllm_triton.{op}" in code, code
 
 
 @requires_triton("chunk_pool")
 @requires_triton("tree_topk")
+@requires_triton("cross_inject_attention")
 def test_compile_triton_dynamic_shapes_no_recompile():
     """Other numbers of segments, rows, sequences and chunks reuse the graph."""
     torch._dynamo.reset()
     compiled_fn = torch.compile(triton_pipeline, fullgraph=True, dynamic=True, backend="aot_eager")
-    shapes = [dict(seg_lens=[5, 0, 3, 12, 1], batch=2, chunks=3), dict(seg_lens=[7, 9, 2, 30], batch=3, chunks=2)]
+    shapes = [
+        dict(seg_lens=[5, 0, 3, 12, 10, 1], seqs_of_segs=[2, 1, 3], lq=[3, 0, 4], lk2=[4, 2, 0]),
+        dict(seg_lens=[7, 9, 2, 30], seqs_of_segs=[3, 1], lq=[6, 5], lk2=[3, 8]),
+    ]
     with torch._dynamo.config.patch(error_on_recompile=True), torch.fx.experimental._config.patch(use_duck_shape=False):
         for i, kw in enumerate(shapes):
-            inputs = make_triton_inputs(**kw, seed=i)
-            compare_triton(run_triton(triton_pipeline, inputs), run_triton(compiled_fn, inputs))
+            inputs = make_inputs(**kw, seed=i)
+            compare(run(triton_pipeline, inputs), run(compiled_fn, inputs))

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from conftest import requires_triton
 from torch import nn
 
 pytest.importorskip("transformers")
@@ -192,7 +193,10 @@ def _loss_and_grads(model, x, mask, labels, ctx, lens):
     return out.logits.detach(), out.loss.detach(), grads
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+TRITON_MODEL = [requires_triton(op) for op in ("chunk_pool", "tree_topk", "cross_inject_attention")]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", pytest.param("triton", marks=TRITON_MODEL)])
 @pytest.mark.parametrize("injection", INJECTIONS)
 @pytest.mark.parametrize("positions", POSITIONS)
 def test_backend_matches_reference_logits_and_grads(backend, injection, positions):
@@ -221,7 +225,8 @@ def test_backend_matches_reference_logits_and_grads(backend, injection, position
         close(o_grads[name], g, f"{backend} grad of {name}", atol=2e-5 * scale, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+# (backend="triton" runs on CPU tensors in the interpreter: it is in the test above)
+@pytest.mark.parametrize("backend", ["cuda"])
 @pytest.mark.parametrize("retrieval", ["query", "right"])
 def test_gpu_backends_on_cpu_raise_a_clear_error(backend, retrieval):
     model, twin = wrap(num_injected_layers=2, chunk_size=16, tree_depth=2, tokens_per_node=3,

@@ -16,6 +16,11 @@ OPS = ("chunk_pool", "tree_topk", "cross_inject_attention")
 _registered: set[str] = set()
 _import_error: str | None = None
 
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
+
+
 try:
     import triton  # noqa: F401
 except Exception as e:  # noqa: BLE001 - any import failure means "no Triton backend"
@@ -30,11 +35,6 @@ else:
         _registered.add("cross_inject_attention")
     except Exception as e:  # noqa: BLE001
         _import_error = f"a Triton kernel module failed to import ({type(e).__name__}: {e})"
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
 
 
 def has_op(op: str) -> bool:

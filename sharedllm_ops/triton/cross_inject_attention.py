@@ -225,16 +225,39 @@ def _tiles(cu: list[int], block: int, device: torch.device) -> tuple[torch.Tenso
     return (torch.tensor(seqs, dtype=torch.int32).to(device), torch.tensor(rows, dtype=torch.int32).to(device))
 
 
-def _blocks(D: int, Dv: int, dtype: torch.dtype) -> dict:
+def _tile_sizes(D: int, Dv: int, dtype: torch.dtype) -> dict:
+    """The tiled block sizes (they shape the tile tables, so they are not autotuned)."""
     from . import interpreting
 
     BLOCK_D, BLOCK_DV = max(16, next_pow2(D)), max(16, next_pow2(Dv))
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
     wide = max(BLOCK_D, BLOCK_DV)
-    block = 128 if wide <= 64 and dtype != torch.float32 else (64 if wide <= 128 else 32)
-    return dict(BLOCK_M=block, BLOCK_N=block if wide <= 64 else max(32, block // 2), BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-                num_warps=4 if wide <= 64 else 8, num_stages=2)
+    block = 32 if dtype == torch.float32 or wide > 128 else (128 if wide <= 64 else 64)
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+
+
+def _autotuned(kernel, looped: str):
+    """On the GPU, tune the block that each program loops over (never the tiled one), the warps and
+    the stages, keyed on head dims and GQA group only: new sequence lengths never trigger a retune.
+    The interpreter runs the kernel as it is (its block sizes come from ``_tile_sizes``)."""
+    from . import interpreting
+
+    if interpreting():
+        return kernel
+    configs = [triton.Config({looped: n}, num_warps=w, num_stages=st)
+               for n in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+    return triton.autotune(configs=configs, key=["D", "DV", "GROUP"])(kernel)
+
+
+def _launch(kernel, looped: str, grid, *args, **meta):
+    """Launch ``kernel``: autotuned on the GPU, with ``looped`` = the tiled size under the interpreter."""
+    from . import interpreting
+
+    if interpreting():
+        return kernel[grid](*args, **meta)
+    meta.pop(looped)
+    return _TUNED[kernel][grid](*args, **meta)
 
 
 def _low_precision(dtype: torch.dtype) -> bool:
@@ -260,6 +283,13 @@ def _check(q, k, v, cu_q, cu_k, q_pos, k_pos, cos, sin, what: str) -> tuple[list
     return cu_q.tolist(), cu_k.tolist()
 
 
+_TUNED = {
+    _attn_fwd_kernel: _autotuned(_attn_fwd_kernel, "BLOCK_N"),
+    _attn_bwd_dkdv_kernel: _autotuned(_attn_bwd_dkdv_kernel, "BLOCK_M"),
+    _attn_bwd_dq_kernel: _autotuned(_attn_bwd_dq_kernel, "BLOCK_N"),
+}
+
+
 @torch.library.custom_op("sharedllm_triton::cross_inject_attention", mutates_args=())
 def cross_inject_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
@@ -278,12 +308,13 @@ def cross_inject_attention(
     if Nq == 0 or Hq == 0:
         return out, lse
     rotary = rotary_cos is not None
-    blocks = _blocks(D, Dv, q.dtype)
+    blocks = _tile_sizes(D, Dv, q.dtype)
     tile_seq, tile_row = _tiles(cu_q, blocks["BLOCK_M"], q.device)
     if tile_seq.numel() == 0:
         return out, lse
     dummy = cu_seqlens_q  # any tensor stands in for the rotary arguments when there is none
-    _attn_fwd_kernel[(tile_seq.numel(), Hq)](
+    _launch(
+        _attn_fwd_kernel, "BLOCK_N", (tile_seq.numel(), Hq),
         q, k, v, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_row, out, lse,
         q_positions if rotary else dummy, k_positions if rotary else dummy,
         rotary_cos if rotary else dummy, rotary_sin if rotary else dummy,
@@ -357,19 +388,21 @@ def cross_inject_attention_backward(
     dq = torch.zeros(Nq, Hq, D, dtype=torch.float32, device=q.device)
     dk = torch.zeros(Nk, Hk, D, dtype=torch.float32, device=q.device)
     dv = torch.zeros(Nk, Hk, Dv, dtype=torch.float32, device=q.device)
-    blocks = _blocks(D, Dv, q.dtype)
+    blocks = _tile_sizes(D, Dv, q.dtype)
     scale = float(softmax_scale)
     strides = (q_r.stride(0), q_r.stride(1), k_r.stride(0), k_r.stride(1), v.stride(0), v.stride(1),
                grad_out.stride(0), grad_out.stride(1))
     key_seq, key_row = _tiles(cu_k, blocks["BLOCK_N"], q.device)
     if key_seq.numel() and Hk:
-        _attn_bwd_dkdv_kernel[(key_seq.numel(), Hk)](
+        _launch(
+            _attn_bwd_dkdv_kernel, "BLOCK_M", (key_seq.numel(), Hk),
             q_r, k_r, v, grad_out, lse, delta, cu_seqlens_q, cu_seqlens_k, key_seq, key_row, dk, dv, *strides,
             Hq, Hk, Hq // Hk, D, Dv, scale, scale * LOG2E, LOW_PRECISION=low, **blocks,
         )
     query_seq, query_row = _tiles(cu_q, blocks["BLOCK_M"], q.device)
     if query_seq.numel() and Hq:
-        _attn_bwd_dq_kernel[(query_seq.numel(), Hq)](
+        _launch(
+            _attn_bwd_dq_kernel, "BLOCK_N", (query_seq.numel(), Hq),
             q_r, k_r, v, grad_out, lse, delta, cu_seqlens_q, cu_seqlens_k, query_seq, query_row, dq, *strides,
             Hq, Hq // Hk, D, Dv, scale, scale * LOG2E, LOW_PRECISION=low, **blocks,
         )

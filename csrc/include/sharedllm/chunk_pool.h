@@ -50,4 +50,13 @@ template <typename T>
 void chunk_pool_backward(const ChunkPoolBackwardParams& p);
 }  // namespace cpu
 
+namespace cuda {
+// `num_rows` is N (segment bounds are clamped to it); `stream` is a cudaStream_t (void* keeps CUDA
+// headers out of this header)
+template <typename T>
+void chunk_pool_forward(const ChunkPoolParams& p, int64_t num_rows, void* stream);
+template <typename T>
+void chunk_pool_backward(const ChunkPoolBackwardParams& p, int64_t num_rows, void* stream);
+}  // namespace cuda
+
 }  // namespace sharedllm

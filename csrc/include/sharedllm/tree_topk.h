@@ -38,4 +38,12 @@ template <typename T>
 void tree_topk(const TreeTopkParams& p);
 }  // namespace cpu
 
+namespace cuda {
+// Shared memory one block needs for a tree of `nodes` nodes (scores and flags); the binding
+// rejects trees that do not fit.
+inline int64_t tree_topk_shared_bytes(int64_t nodes) { return nodes * (sizeof(float) + 1); }
+template <typename T>
+void tree_topk(const TreeTopkParams& p, void* stream);
+}  // namespace cuda
+
 }  // namespace sharedllm

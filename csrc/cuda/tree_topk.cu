@@ -1,0 +1,123 @@
+// tree_topk (DESIGN 3.2) on CUDA: ONE launch for scoring, descent and sorted emission.
+//
+// One block per (sequence, chunk). Its warps score the chunk's T nodes (one node per warp at a
+// time, lanes striding over D, float32 accumulation, a shuffle reduction) into shared memory.
+// Then one thread runs the descent, O(T) over the flags in shared memory, and walks the leaves
+// left to right to emit the preserved ids in order. The tree is tiny next to the reads of D-wide
+// embeddings, so the serial part costs little; no host synchronisation anywhere.
+#include <cuda_runtime.h>
+
+#include "sharedllm/cuda_common.cuh"
+#include "sharedllm/tree_topk.h"
+
+namespace sharedllm::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned char kExpanded = 1, kPreserved = 2;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) tree_topk_kernel(TreeTopkParams p) {
+  extern __shared__ float shared[];
+  float* scores = shared;                                                  // [T]
+  unsigned char* flags = reinterpret_cast<unsigned char*>(shared + p.nodes);  // [T]
+  __shared__ float query_norm_parts[kWarps];
+
+  const int64_t pair = blockIdx.x;  // b * C + c
+  const int64_t b = pair / p.chunks, c = pair % p.chunks;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* query = static_cast<const T*>(p.query) + b * p.q_stride;
+  const T* emb = static_cast<const T*>(p.node_emb) + b * p.e_batch_stride + c * p.e_chunk_stride;
+  const bool cosine = p.score == ScoreMode::kCosine;
+
+  // |q|, once per block
+  float q_sq = 0.f;
+  for (int64_t d = threadIdx.x; d < p.dim; d += kThreads) {
+    const float q = load_float(query[d]);
+    q_sq += q * q;
+  }
+  q_sq = warp_sum(q_sq);
+  if (lane == 0) query_norm_parts[warp] = q_sq;
+  for (int64_t t = threadIdx.x; t < p.nodes; t += kThreads) flags[t] = 0;
+  __syncthreads();
+  float q_norm = 0.f;
+  for (int w = 0; w < kWarps; ++w) q_norm += query_norm_parts[w];
+  q_norm = fmaxf(sqrtf(q_norm), 1e-8f);
+
+  for (int64_t t = warp; t < p.nodes; t += kWarps) {
+    const T* e = emb + t * p.e_node_stride;
+    float dot = 0.f, e_sq = 0.f;
+    for (int64_t d = lane; d < p.dim; d += 32) {
+      const float ev = load_float(e[d]);
+      dot += ev * load_float(query[d]);
+      e_sq += ev * ev;
+    }
+    dot = warp_sum(dot);
+    e_sq = warp_sum(e_sq);
+    if (lane == 0) scores[t] = cosine ? dot / (q_norm * fmaxf(sqrtf(e_sq), 1e-8f)) : dot;
+  }
+  __syncthreads();
+  for (int64_t t = threadIdx.x; t < p.nodes; t += kThreads) p.scores[pair * p.nodes + t] = scores[t];
+  if (threadIdx.x != 0) return;
+
+  // descent: level l holds ids [offset, offset + width); node i's parent is i / b one level up
+  const int64_t bf = p.branching;
+  int64_t offset = 0, width = bf, parent_offset = -1;
+  for (int64_t level = 1; level <= p.depth; ++level) {
+    const bool last = level == p.depth;
+    for (int64_t i = 0; i < width; ++i) {
+      const bool candidate = level == 1 || (flags[parent_offset + i / bf] & kExpanded);
+      if (candidate) flags[offset + i] = kPreserved;  // the k best are re-marked expanded below
+    }
+    if (!last) {
+      for (int64_t pick = 0; pick < p.k; ++pick) {
+        int64_t best = -1;
+        for (int64_t i = 0; i < width; ++i) {  // ascending ids: ">" keeps the lower id on ties
+          if (flags[offset + i] == kPreserved && (best < 0 || scores[offset + i] > scores[offset + best])) best = i;
+        }
+        if (best >= 0) flags[offset + best] = kExpanded;
+      }
+    }
+    parent_offset = offset;
+    offset += width;
+    width *= bf;
+  }
+  // emission: walk the leaves left to right; at each, the preserved node that starts there
+  int32_t* out = p.node_ids + pair * p.preserved;
+  int64_t leaves = 1;
+  for (int64_t level = 0; level < p.depth; ++level) leaves *= bf;
+  int64_t written = 0;
+  for (int64_t leaf = 0; leaf < leaves && written < p.preserved;) {
+    int64_t level_offset = 0, span = leaves, level_width = bf;
+    bool found = false;
+    for (int64_t level = 1; level <= p.depth && !found; ++level) {
+      span /= bf;  // leaves under one node of this level
+      const int64_t i = leaf / span;
+      if (flags[level_offset + i] == kPreserved) {
+        out[written++] = static_cast<int32_t>(level_offset + i);
+        leaf += span;
+        found = true;
+      }
+      level_offset += level_width;
+      level_width *= bf;
+    }
+    if (!found) ++leaf;  // unreachable for a well-formed descent; keeps the loop finite
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void tree_topk(const TreeTopkParams& p, void* stream) {
+  const int64_t blocks = p.batch * p.chunks;
+  const size_t shared = static_cast<size_t>(tree_topk_shared_bytes(p.nodes));
+  tree_topk_kernel<T><<<static_cast<unsigned>(blocks), kThreads, shared, static_cast<cudaStream_t>(stream)>>>(p);
+  check_launch("tree_topk");
+}
+
+template void tree_topk<float>(const TreeTopkParams&, void*);
+template void tree_topk<half_t>(const TreeTopkParams&, void*);
+template void tree_topk<bfloat16_t>(const TreeTopkParams&, void*);
+
+}  // namespace sharedllm::cuda

@@ -1,0 +1,86 @@
+// Device-side helpers shared by the CUDA kernels: 16-bit storage <-> float conversions, 16-byte
+// vector loads and stores, launch error checks. Torch-free, like the rest of csrc/.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "sharedllm/common.h"
+
+namespace sharedllm::cuda {
+
+__device__ __forceinline__ float load_float(float x) { return x; }
+__device__ __forceinline__ float load_float(bfloat16_t x) { return __uint_as_float(static_cast<uint32_t>(x.bits) << 16); }
+__device__ __forceinline__ float load_float(half_t x) {
+  return __half2float(__ushort_as_half(x.bits));
+}
+
+template <typename T>
+__device__ __forceinline__ T store_float(float f);
+template <>
+__device__ __forceinline__ float store_float<float>(float f) {
+  return f;
+}
+template <>
+__device__ __forceinline__ half_t store_float<half_t>(float f) {
+  return half_t{__half_as_ushort(__float2half_rn(f))};
+}
+template <>
+__device__ __forceinline__ bfloat16_t store_float<bfloat16_t>(float f) {
+  uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bfloat16_t{static_cast<uint16_t>((u >> 16) | 0x40u)};  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return bfloat16_t{static_cast<uint16_t>(u >> 16)};
+}
+
+// VEC consecutive elements moved as one 16-byte (or narrower) transaction.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[VEC]) {
+  const Vec<T, VEC> packed = *reinterpret_cast<const Vec<T, VEC>*>(ptr);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = load_float(packed.v[i]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec(T* ptr, const float (&in)[VEC]) {
+  Vec<T, VEC> packed;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) packed.v[i] = store_float<T>(in[i]);
+  *reinterpret_cast<Vec<T, VEC>*>(ptr) = packed;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// The segment of packed row `row`: the last s with cu[s] <= row (segments may be empty).
+__device__ __forceinline__ int64_t segment_of_row(const int32_t* cu, int64_t num_segments, int64_t row) {
+  int64_t lo = 0, hi = num_segments;  // answer in [lo, hi)
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (static_cast<int64_t>(cu[mid]) <= row) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// Every launch is checked: a failed launch becomes an exception naming the kernel.
+inline void check_launch(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("sharedllm CUDA kernel ") + kernel + " failed to launch: " +
+                             cudaGetErrorString(err));
+}
+
+}  // namespace sharedllm::cuda
