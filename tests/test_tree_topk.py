@@ -250,12 +250,15 @@ def test_cpp_matches_reference(dtype, depth, k, b, score):
     check_against_brute_force(ids, scores, depth, k, b)
 
 
-@requires_ext
+KERNELS = [pytest.param("cpp", marks=requires_ext), pytest.param("triton", marks=TRITON)]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("D", [1, 33, 64, 128])
 @pytest.mark.parametrize("layout", ["contiguous", "padded", "permuted"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_cpp_head_dims_and_layouts(dtype, layout, D):
-    B, C, depth, b = 3, 4, 3, 2
+def test_head_dims_and_layouts(dtype, layout, D, backend):
+    B, C, depth, b = 2, 3, 3, 2
     T = _num_nodes(depth, b)
     if layout == "contiguous":
         query, emb = torch.randn(B, D, dtype=dtype), torch.randn(B, C, T, D, dtype=dtype)
@@ -266,16 +269,16 @@ def test_cpp_head_dims_and_layouts(dtype, layout, D):
         query = torch.randn(B, D, dtype=dtype)
         emb = torch.randn(C, T, B, D, dtype=dtype).permute(2, 0, 1, 3)
     for score in ("cosine", "dot"):
-        ids, scores = so.tree_topk(query, emb, depth, 1, b, score, backend="cpp")
+        ids, scores = so.tree_topk(query, emb, depth, 1, b, score, backend=backend)
         ref_ids, ref_scores = so.tree_topk(query, emb, depth, 1, b, score, backend="reference")
         assert_close(scores, ref_scores, dict(atol=1e-4, rtol=1e-5))
         assert torch.equal(ids, ref_ids)
 
 
-@requires_ext
-def test_cpp_many_chunks():
-    query, emb = torch.randn(3, 16), torch.randn(3, 37, 14, 16)
-    ids, scores = so.tree_topk(query, emb, 3, backend="cpp")
+@pytest.mark.parametrize("backend", KERNELS)
+def test_many_chunks(backend):
+    query, emb = torch.randn(2, 16), torch.randn(2, 37, 14, 16)
+    ids, scores = so.tree_topk(query, emb, 3, backend=backend)
     ref_ids, ref_scores = so.tree_topk(query, emb, 3, backend="reference")
     assert torch.equal(ids, ref_ids)
     assert_close(scores, ref_scores)
@@ -435,37 +438,6 @@ def test_triton_matches_reference(dtype, depth, k, b, score):
     assert_close(scores, ref_scores, dict(atol=2e-5, rtol=1e-5))
     assert torch.equal(ids, ref_ids)
     check_against_brute_force(ids, scores, depth, k, b)
-
-
-@TRITON
-@pytest.mark.parametrize("D", [1, 33, 64, 128])
-@pytest.mark.parametrize("layout", ["contiguous", "padded", "permuted"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_triton_head_dims_and_layouts(dtype, layout, D):
-    B, C, depth, b = 2, 2, 3, 2
-    T = _num_nodes(depth, b)
-    if layout == "contiguous":
-        query, emb = torch.randn(B, D, dtype=dtype), torch.randn(B, C, T, D, dtype=dtype)
-    elif layout == "padded":
-        query = torch.randn(B, D + 3, dtype=dtype)[:, 1 : D + 1]
-        emb = torch.randn(B + 1, C, T + 2, D + 5, dtype=dtype)[1:, :, 2:, 3 : D + 3]
-    else:  # chunks outermost in memory, nodes before batch
-        query = torch.randn(B, D, dtype=dtype)
-        emb = torch.randn(C, T, B, D, dtype=dtype).permute(2, 0, 1, 3)
-    for score in ("cosine", "dot"):
-        ids, scores = so.tree_topk(query, emb, depth, 1, b, score, backend="triton")
-        ref_ids, ref_scores = so.tree_topk(query, emb, depth, 1, b, score, backend="reference")
-        assert_close(scores, ref_scores, dict(atol=1e-4, rtol=1e-5))
-        assert torch.equal(ids, ref_ids)
-
-
-@TRITON
-def test_triton_many_chunks():
-    query, emb = torch.randn(2, 16), torch.randn(2, 19, 14, 16)
-    ids, scores = so.tree_topk(query, emb, 3, backend="triton")
-    ref_ids, ref_scores = so.tree_topk(query, emb, 3, backend="reference")
-    assert torch.equal(ids, ref_ids)
-    assert_close(scores, ref_scores)
 
 
 @requires_ext
