@@ -25,6 +25,21 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _tile(ptr, rows, row_ok, stride_n, head, stride_h, cols, col_ok):
+    """``[len(rows), len(cols)]`` float32 tile of one head (zeros where masked)."""
+    offsets = rows[:, None].to(tl.int64) * stride_n + head.to(tl.int64) * stride_h + cols[None, :]
+    return tl.load(ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _probabilities(q, k, lse, row_ok, key_ok, scale_log2, LOW_PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+    """The forward's softmax probabilities, recomputed from the saved natural-log ``lse``."""
+    s = _dot(q, tl.trans(k), LOW_PRECISION, DTYPE) * scale_log2
+    p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
+    return tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
+
+
+@triton.jit
 def _load_rows(ptr, rows, row_ok, stride_n, head_off, cols, col_ok, ROTARY: tl.constexpr, HALF: tl.constexpr,
                pos_ptr, cos_ptr, sin_ptr, stride_cos, stride_sin):
     """``[len(rows), len(cols)]`` float32 rows of one head, rotated by ``cos/sin[pos[row]]`` if ``ROTARY``."""
@@ -95,8 +110,7 @@ def _attn_fwd_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + keys[:, None].to(tl.int64) * stride_vn + kv_head.to(tl.int64) * stride_vh + vcols[None, :],
-                    mask=key_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+        v = _tile(v_ptr, keys, key_ok, stride_vn, kv_head, stride_vh, vcols, dv_ok)
         acc = acc * alpha[:, None] + _dot(p, v, LOW_PRECISION, DTYPE)
         m_i = m_new
     has_keys = l_i > 0  # a sequence without keys: out = 0, lse = -inf
@@ -131,10 +145,8 @@ def _attn_bwd_dkdv_kernel(
     d_ok = dcols < D
     vcols = tl.arange(0, BLOCK_DV)
     dv_ok = vcols < DV
-    k = tl.load(k_ptr + keys[:, None].to(tl.int64) * stride_kn + kv_head.to(tl.int64) * stride_kh + dcols[None, :],
-                mask=key_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + keys[:, None].to(tl.int64) * stride_vn + kv_head.to(tl.int64) * stride_vh + vcols[None, :],
-                mask=key_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+    k = _tile(k_ptr, keys, key_ok, stride_kn, kv_head, stride_kh, dcols, d_ok)
+    v = _tile(v_ptr, keys, key_ok, stride_vn, kv_head, stride_vh, vcols, dv_ok)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for g in range(GROUP):  # every query head that reads this kv head: no atomics needed
@@ -142,15 +154,11 @@ def _attn_bwd_dkdv_kernel(
         for m0 in range(q_start, q_end, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             row_ok = rows < q_end
-            q = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_qn + head.to(tl.int64) * stride_qh + dcols[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            do = tl.load(do_ptr + rows[:, None].to(tl.int64) * stride_don + head.to(tl.int64) * stride_doh + vcols[None, :],
-                         mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+            q = _tile(q_ptr, rows, row_ok, stride_qn, head, stride_qh, dcols, d_ok)
+            do = _tile(do_ptr, rows, row_ok, stride_don, head, stride_doh, vcols, dv_ok)
             lse = tl.load(lse_ptr + rows.to(tl.int64) * Hq + head, mask=row_ok, other=0.0)
             delta = tl.load(delta_ptr + rows.to(tl.int64) * Hq + head, mask=row_ok, other=0.0)
-            s = _dot(q, tl.trans(k), LOW_PRECISION, DTYPE) * scale_log2
-            p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
-            p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
+            p = _probabilities(q, k, lse, row_ok, key_ok, scale_log2, LOW_PRECISION, DTYPE)
             dv += _dot(tl.trans(p), do, LOW_PRECISION, DTYPE)
             dp = _dot(do, tl.trans(v), LOW_PRECISION, DTYPE)
             ds = p * (dp - delta[:, None])
@@ -186,23 +194,17 @@ def _attn_bwd_dq_kernel(
     d_ok = dcols < D
     vcols = tl.arange(0, BLOCK_DV)
     dv_ok = vcols < DV
-    q = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_qn + head.to(tl.int64) * stride_qh + dcols[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + rows[:, None].to(tl.int64) * stride_don + head.to(tl.int64) * stride_doh + vcols[None, :],
-                 mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+    q = _tile(q_ptr, rows, row_ok, stride_qn, head, stride_qh, dcols, d_ok)
+    do = _tile(do_ptr, rows, row_ok, stride_don, head, stride_doh, vcols, dv_ok)
     lse = tl.load(lse_ptr + rows.to(tl.int64) * Hq + head, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + rows.to(tl.int64) * Hq + head, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(k_start, k_end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_ok = keys < k_end
-        k = tl.load(k_ptr + keys[:, None].to(tl.int64) * stride_kn + kv_head.to(tl.int64) * stride_kh + dcols[None, :],
-                    mask=key_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + keys[:, None].to(tl.int64) * stride_vn + kv_head.to(tl.int64) * stride_vh + vcols[None, :],
-                    mask=key_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
-        s = _dot(q, tl.trans(k), LOW_PRECISION, DTYPE) * scale_log2
-        p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
-        p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
+        k = _tile(k_ptr, keys, key_ok, stride_kn, kv_head, stride_kh, dcols, d_ok)
+        v = _tile(v_ptr, keys, key_ok, stride_vn, kv_head, stride_vh, vcols, dv_ok)
+        p = _probabilities(q, k, lse, row_ok, key_ok, scale_log2, LOW_PRECISION, DTYPE)
         dp = _dot(do, tl.trans(v), LOW_PRECISION, DTYPE)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds, k, LOW_PRECISION, DTYPE)
