@@ -20,6 +20,8 @@ H200) except where noted, so each call reads them from HBM.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,11 +80,18 @@ def test_roofline_gpu_bf16_matmul(timed):
 POOL_CHUNKS, POOL_HEADS, POOL_DIM, POOL_P = 512, 8, 128, 32
 
 
+@functools.lru_cache(maxsize=1)
+def pool_input():
+    """The 1 GiB input, drawn once for all the chunk_pool cases (drawing it takes seconds)."""
+    lengths = paper_tree_lengths(POOL_CHUNKS)
+    x, cu = chunk_pool_input(lengths, POOL_HEADS, POOL_DIM, torch.bfloat16, device="cuda")
+    return lengths, x, cu
+
+
 @pytest.mark.parametrize("backend", ["torch_copy"] + gpu_backends("chunk_pool"))
 @pytest.mark.parametrize("mode", ["mean", "first"])
 def test_chunk_pool_gpu(timed, mode, backend):
-    lengths = paper_tree_lengths(POOL_CHUNKS)
-    x, cu = chunk_pool_input(lengths, POOL_HEADS, POOL_DIM, torch.bfloat16, device="cuda")
+    lengths, x, cu = pool_input()
     rows_out = len(lengths) * POOL_P
     rows_in = x.shape[0] if mode == "mean" else rows_out
     if backend == "torch_copy":
@@ -99,9 +108,8 @@ def test_chunk_pool_gpu(timed, mode, backend):
 
 @pytest.mark.parametrize("backend", gpu_backends("chunk_pool"))
 def test_chunk_pool_backward_gpu(timed, backend):
-    lengths = paper_tree_lengths(POOL_CHUNKS)
-    x, cu = chunk_pool_input(lengths, POOL_HEADS, POOL_DIM, torch.bfloat16, device="cuda")
-    x.requires_grad_(True)
+    lengths, x, cu = pool_input()
+    x = x.detach().requires_grad_(True)
     out = so.chunk_pool(x, cu, POOL_P, "mean", backend=backend)
     grad = torch.randn_like(out)
     moved = (x.shape[0] + out.shape[0]) * POOL_HEADS * POOL_DIM * x.element_size()

@@ -1,13 +1,15 @@
-"""The Triton kernels compiled for a real GPU (``TRITON_INTERPRET=0``, CUDA tensors): against the
-reference on the same device, at sizes the interpreter cannot reach, with autotuning, opcheck and
-``torch.compile``. CI has no GPU: there these tests skip, and the same kernels are tested under
-the interpreter in the per-op test files. ``bench/gpu_check.sh`` runs them on a GPU machine."""
+"""The GPU backends on a real GPU: the CUDA kernels, and the Triton kernels compiled for the device
+(``TRITON_INTERPRET=0``), against the reference on the same device at sizes the CPU tests cannot
+reach, with opcheck, ``torch.compile``, CUDA-graph capture (CUDA) and autotuning (Triton). CI has
+no GPU: there these tests skip (the Triton kernels are tested under the interpreter in the per-op
+test files; the CUDA sources are compiled). ``bench/gpu_check.sh`` runs them on a GPU machine."""
 
 import math
 
 import pytest
 import torch
 from conftest import ATTN_TOL, TOL, assert_close, assert_finite, cu_seqlens, grad_tol, nan_filled_empty, rotary_tables
+from test_tree_topk import check_against_brute_force
 
 import sharedllm_ops as so
 from sharedllm_ops import triton as so_triton
@@ -119,7 +121,10 @@ def test_tree_topk_gpu_matches_reference(dtype, score, backend):
         ids, scores = so.tree_topk(query, emb, 3, backend=backend, score=score)
     ref_ids, ref_scores = so.tree_topk(query, emb, 3, backend="reference", score=score)
     torch.testing.assert_close(scores, ref_scores, atol=1e-4 if score == "cosine" else 5e-3, rtol=1e-4)
-    assert torch.equal(ids, ref_ids)
+    # the descent is checked against the kernel's own scores: siblings whose scores differ by a
+    # rounding may rank either way, which an equality with the reference's ids would flag
+    check_against_brute_force(ids.cpu(), scores.cpu(), 3, 1, 2)
+    assert (ids == ref_ids).float().mean() > 0.99
 
 
 @pytest.mark.parametrize("backend", gpu_backends("tree_topk"))
@@ -130,7 +135,7 @@ def test_tree_topk_gpu_trees_and_opcheck(backend, depth, k, b):
     ids, scores = so.tree_topk(query, emb, depth, k, b, backend=backend)
     ref_ids, ref_scores = so.tree_topk(query, emb, depth, k, b, backend="reference")
     torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
-    assert torch.equal(ids, ref_ids)
+    check_against_brute_force(ids.cpu(), scores.cpu(), depth, k, b)
     ops = torch.ops.sharedllm_triton if backend == "triton" else torch.ops.sharedllm
     torch.library.opcheck(ops.tree_topk.default, (query, emb, depth, k, b, "cosine"))
 
@@ -146,12 +151,16 @@ def test_tree_topk_cuda_graph_capture():
         ids, scores = so.tree_topk(query, emb, 3, backend="cuda")
     emb.copy_(torch.randn_like(emb))
     graph.replay()
-    ref_ids, _ = so.tree_topk(query, emb, 3, backend="reference")
-    assert torch.equal(ids, ref_ids)
+    _, ref_scores = so.tree_topk(query, emb, 3, backend="reference")
+    torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)  # the replay saw the new emb
+    check_against_brute_force(ids.cpu(), scores.cpu(), 3, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------
 # cross_inject_attention
+
+
+LSE_TOL_16BIT = dict(atol=5e-2, rtol=1e-2)
 
 
 def _attention_inputs(lq, lk, hq, hk, d, dtype, rotary=True, max_pos=4096):
@@ -189,7 +198,8 @@ def test_attention_gpu_matches_reference(dtype, rotary, d, backend):
     ref, ref_lse = so.cross_inject_attention(*leaves, cq, ck, return_lse=True, backend="reference", **extra)
     assert_finite(out)
     assert_close(out, ref, ATTN_TOL[dtype])
-    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+    # 16-bit kernels round the rotated q and k to the input dtype for the tensor cores
+    torch.testing.assert_close(lse, ref_lse, **(dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else LSE_TOL_16BIT))
     assert torch.all(torch.isneginf(lse[300:1300])) and torch.count_nonzero(out[300:1300]) == 0  # no keys
     g, gl = torch.randn_like(out), torch.randn_like(lse)
     finite = lambda t: torch.where(torch.isfinite(t), t, 0.0)  # noqa: E731
@@ -206,7 +216,7 @@ def test_attention_gpu_128k_keys():
     out, lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="triton", **extra)
     ref, ref_lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="reference", **extra)
     assert_close(out, ref, ATTN_TOL[torch.bfloat16])
-    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, **LSE_TOL_16BIT)
 
 
 @TRITON_ATTENTION
