@@ -16,6 +16,7 @@ OPS = ("chunk_pool", "tree_topk", "cross_inject_attention")
 _registered: set[str] = set()
 _import_error: str | None = None
 
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
@@ -26,12 +27,15 @@ try:
 except Exception as e:  # noqa: BLE001 - any import failure means "no Triton backend"
     _import_error = f"triton could not be imported ({type(e).__name__}: {e})"
 else:
-    try:
+    try:  # importing a module registers its op (interpreting() above must exist by then)
         from . import chunk_pool as _chunk_pool  # noqa: F401
+
         _registered.add("chunk_pool")
         from . import tree_topk as _tree_topk  # noqa: F401
+
         _registered.add("tree_topk")
         from . import cross_inject_attention as _cross_inject_attention  # noqa: F401
+
         _registered.add("cross_inject_attention")
     except Exception as e:  # noqa: BLE001
         _import_error = f"a Triton kernel module failed to import ({type(e).__name__}: {e})"
