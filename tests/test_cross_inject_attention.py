@@ -29,6 +29,9 @@ from sharedllm_ops import reference as R
 # single-token ones (3: one query, 5: one key) and a longer one (4)
 LQ = [3, 0, 5, 1, 17, 2]
 LK = [4, 3, 0, 7, 40, 1]
+# the compiled backends that share a check with the same inputs
+KERNELS = [pytest.param("cpp", marks=requires_ext),
+           pytest.param("triton", marks=requires_triton("cross_inject_attention"))]
 
 
 def independent_rope(x, positions, dim, base=10000.0):
@@ -311,7 +314,8 @@ def test_cpp_matches_reference(dtype, hq, hk, layout, d, dv, rotary):
     assert torch.equal(so.cross_inject_attention(q, k, v, cq, ck, backend="cpp", **extra), out)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_ext), "reference"])
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_ext), "reference",
+                                     pytest.param("triton", marks=requires_triton("cross_inject_attention"))])
 def test_noncontiguous_index_tensors(backend):
     """cu_seqlens, positions and rotary tables may be strided views."""
     q, k, v, cq, ck, extra = make_inputs(LQ, LK, 4, 2, 16, rotary=True)
@@ -331,9 +335,9 @@ def test_noncontiguous_index_tensors(backend):
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
 
 
-@requires_ext
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_cpp_broadcast_and_overlapping_kv(dtype):
+def test_broadcast_and_overlapping_kv(dtype, backend):
     """k/v whose rows are broadcast (stride 0), heads broadcast, or rows overlapping in memory
     (row stride < D: the fp32 path must not hand them to the GEMM as a matrix)."""
     lq, lk = [3, 0, 5], [4, 300, 2]
@@ -346,7 +350,7 @@ def test_cpp_broadcast_and_overlapping_kv(dtype):
          torch.randn(3 * nk + 16, dtype=dtype).as_strided((nk, 2, 16), (3, 1, 1))),
     ]
     for k, v in cases:
-        out = so.cross_inject_attention(q, k, v, cq, ck, backend="cpp")
+        out = so.cross_inject_attention(q, k, v, cq, ck, backend=backend)
         assert_close(out, R.cross_inject_attention(q, k, v, cq, ck), ATTN_TOL[dtype])
 
 
@@ -362,36 +366,36 @@ def test_cpp_multiple_tiles(dtype):
     torch.testing.assert_close(lse, ref_lse, atol=5e-5, rtol=1e-5)
 
 
-@requires_ext
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("magnitude", [10.0, 60.0])
-def test_cpp_large_scores_are_stable(magnitude):
+def test_large_scores_are_stable(magnitude, backend):
     """Large logits (peaked softmax): online softmax must not overflow or lose the max."""
     q, k, v, cq, ck, _ = make_inputs([4, 9], [300, 17], 4, 2, 16)
     q = q * magnitude
-    out, lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="cpp")
+    out, lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend=backend)
     ref_out, ref_lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="reference")
     assert_finite(out)
     assert_close(out, ref_out, dict(atol=1e-4, rtol=1e-4))
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-5)
 
 
-@requires_ext
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("scale", [0.0, 0.05, 1.0])
-def test_cpp_softmax_scale(scale):
+def test_softmax_scale(scale, backend):
     q, k, v, cq, ck, extra = make_inputs(LQ, LK, 4, 2, 16, rotary=True)
-    out, lse = so.cross_inject_attention(q, k, v, cq, ck, scale, return_lse=True, backend="cpp", **extra)
+    out, lse = so.cross_inject_attention(q, k, v, cq, ck, scale, return_lse=True, backend=backend, **extra)
     ref_out, ref_lse = so.cross_inject_attention(q, k, v, cq, ck, scale, return_lse=True, backend="reference", **extra)
     assert_close(out, ref_out, ATTN_TOL[torch.float32])
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
 
 
-@requires_ext
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("table_dtype", [torch.float64, torch.float16])
-def test_cpp_rotary_table_dtype(table_dtype):
+def test_rotary_table_dtype(table_dtype, backend):
     """Rotary tables in another float dtype than q are accepted and used as the same values."""
     q, k, v, cq, ck, extra = make_inputs(LQ, LK, 4, 2, 16, rotary=True)
     extra = dict(extra, rotary_cos=extra["rotary_cos"].to(table_dtype), rotary_sin=extra["rotary_sin"].to(table_dtype))
-    out = so.cross_inject_attention(q, k, v, cq, ck, backend="cpp", **extra)
+    out = so.cross_inject_attention(q, k, v, cq, ck, backend=backend, **extra)
     ref = so.cross_inject_attention(q, k, v, cq, ck, backend="reference", **extra)
     assert_close(out, ref, ATTN_TOL[torch.float32])
 
@@ -854,50 +858,6 @@ def test_triton_matches_independent_sdpa_oracle():
     ref_out, ref_lse = sdpa_oracle(q, k, v, LQ, LK, extra=extra)
     assert_close(out, ref_out.float(), ATTN_TOL[torch.float32])
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-5)
-
-
-@requires_triton_attention
-def test_triton_broadcast_and_noncontiguous_index_tensors():
-    """k/v with broadcast rows or heads (stride 0); cu_seqlens, positions and tables as strided views."""
-    lq, lk = [3, 0, 5], [4, 30, 2]
-    nq, nk = sum(lq), sum(lk)
-    q, cq, ck = torch.randn(nq, 4, 16), cu_seqlens(lq), cu_seqlens(lk)
-    k = torch.randn(1, 2, 16).expand(nk, 2, 16)
-    v = torch.randn(nk, 1, 16).expand(nk, 2, 16)
-    assert_close(so.cross_inject_attention(q, k, v, cq, ck, backend="triton"), R.cross_inject_attention(q, k, v, cq, ck),
-                 ATTN_TOL[torch.float32])
-    q, k, v, cq, ck, extra = make_inputs(LQ, LK, 4, 2, 16, rotary=True)
-    spread = lambda t: torch.stack((t, torch.full_like(t, -7)), dim=1).flatten()[::2]  # noqa: E731
-    views = dict(
-        q_positions=spread(extra["q_positions"]), k_positions=spread(extra["k_positions"]),
-        rotary_cos=torch.cat((extra["rotary_cos"], torch.zeros_like(extra["rotary_cos"])), 1)[:, :16],
-        rotary_sin=torch.cat((extra["rotary_sin"], torch.zeros_like(extra["rotary_sin"])), 1)[:, :16],
-    )
-    out = so.cross_inject_attention(q, k, v, spread(cq), spread(ck), backend="triton", **views)
-    assert_close(out, R.cross_inject_attention(q, k, v, cq, ck, **extra), ATTN_TOL[torch.float32])
-
-
-@requires_triton_attention
-@pytest.mark.parametrize("magnitude", [10.0, 60.0])
-def test_triton_large_scores_are_stable(magnitude):
-    q, k, v, cq, ck, _ = make_inputs([4, 9], [40, 17], 4, 2, 16)
-    q = q * magnitude
-    out, lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="triton")
-    ref_out, ref_lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="reference")
-    assert_finite(out)
-    assert_close(out, ref_out, dict(atol=1e-4, rtol=1e-4))
-    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-5)
-
-
-@requires_triton_attention
-@pytest.mark.parametrize("scale", [0.0, 0.05, 1.0])
-def test_triton_softmax_scale_and_table_dtype(scale):
-    q, k, v, cq, ck, extra = make_inputs(LQ, LK, 4, 2, 16, rotary=True)
-    extra = dict(extra, rotary_cos=extra["rotary_cos"].half(), rotary_sin=extra["rotary_sin"].double())
-    out, lse = so.cross_inject_attention(q, k, v, cq, ck, scale, return_lse=True, backend="triton", **extra)
-    ref_out, ref_lse = so.cross_inject_attention(q, k, v, cq, ck, scale, return_lse=True, backend="reference", **extra)
-    assert_close(out, ref_out, ATTN_TOL[torch.float32])
-    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
 
 
 @requires_triton_attention

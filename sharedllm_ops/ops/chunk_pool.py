@@ -8,6 +8,7 @@ from .. import _ext, reference
 from ..reference.chunk_pool import POOL_MODES
 from . import _validate as V
 from ._dispatch import resolve_backend
+from ._registration import register_chunk_pool
 
 
 def chunk_pool(
@@ -39,29 +40,4 @@ def chunk_pool(
 
 
 if _ext.loaded:
-
-    @torch.library.register_fake("sharedllm::chunk_pool")
-    def _chunk_pool_fake(x, cu_seqlens, tokens_per_node, mode):
-        V.check_devices(x, cu_seqlens=cu_seqlens)
-        return x.new_empty((cu_seqlens.shape[0] - 1) * tokens_per_node, x.shape[1], x.shape[2])
-
-    @torch.library.register_fake("sharedllm::chunk_pool_backward")
-    def _chunk_pool_backward_fake(grad_out, cu_seqlens, num_rows, tokens_per_node, mode):
-        V.check_devices(grad_out, cu_seqlens=cu_seqlens)
-        return grad_out.new_empty(num_rows, grad_out.shape[1], grad_out.shape[2])
-
-    def _chunk_pool_setup_context(ctx, inputs, output):
-        x, cu_seqlens, tokens_per_node, mode = inputs
-        ctx.save_for_backward(cu_seqlens)
-        ctx.num_rows, ctx.tokens_per_node, ctx.mode = x.shape[0], tokens_per_node, mode
-
-    def _chunk_pool_backward(ctx, grad):
-        (cu_seqlens,) = ctx.saved_tensors
-        grad_x = torch.ops.sharedllm.chunk_pool_backward(
-            grad.contiguous(), cu_seqlens, ctx.num_rows, ctx.tokens_per_node, ctx.mode
-        )
-        return grad_x, None, None, None
-
-    torch.library.register_autograd(
-        "sharedllm::chunk_pool", _chunk_pool_backward, setup_context=_chunk_pool_setup_context
-    )
+    register_chunk_pool("sharedllm")

@@ -7,6 +7,7 @@ import torch
 from .. import _ext, reference
 from . import _validate as V
 from ._dispatch import resolve_backend
+from ._registration import register_cross_inject_attention
 
 
 def cross_inject_attention(
@@ -142,35 +143,4 @@ def merge_attention(
 
 
 if _ext.loaded:
-
-    @torch.library.register_fake("sharedllm::cross_inject_attention")
-    def _attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, q_positions, k_positions, cos, sin):
-        V.check_devices(q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                        q_positions=q_positions, k_positions=k_positions, rotary_cos=cos, rotary_sin=sin)
-        out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
-        lse = q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
-        return out, lse
-
-    @torch.library.register_fake("sharedllm::cross_inject_attention_backward")
-    def _attention_backward_fake(grad_out, grad_lse, q, k, v, out, lse, *rest):
-        # the kernel returns contiguous gradients whatever the strides of q, k, v
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-    def _attention_setup_context(ctx, inputs, output):
-        q, k, v, cu_q, cu_k, scale, q_pos, k_pos, cos, sin = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, q_pos, k_pos, cos, sin)
-        ctx.softmax_scale = scale
-
-    def _attention_backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, cu_q, cu_k, q_pos, k_pos, cos, sin = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv = torch.ops.sharedllm.cross_inject_attention_backward(
-            grad_out.contiguous(), grad_lse, q, k, v, out, lse, cu_q, cu_k, ctx.softmax_scale, q_pos, k_pos, cos, sin
-        )
-        return dq, dk, dv, None, None, None, None, None, None, None
-
-    torch.library.register_autograd(
-        "sharedllm::cross_inject_attention", _attention_backward, setup_context=_attention_setup_context
-    )
+    register_cross_inject_attention("sharedllm")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, reference
-from ..reference.tree_topk import SCORE_MODES, num_preserved, num_tree_nodes
+from ..reference.tree_topk import SCORE_MODES, num_tree_nodes
 from . import _validate as V
 from ._dispatch import resolve_backend
+from ._registration import register_tree_topk
 
 
 def tree_topk(
@@ -81,13 +82,4 @@ def tree_spans(
 
 
 if _ext.loaded:
-
-    @torch.library.register_fake("sharedllm::tree_topk")
-    def _tree_topk_fake(query, node_emb, depth, k, branching, score):
-        V.check_devices(query, node_emb=node_emb)
-        B, C, T = node_emb.shape[0], node_emb.shape[1], node_emb.shape[2]
-        P = num_preserved(depth, k, branching)
-        return (
-            query.new_empty(B, C, P, dtype=torch.int32),
-            query.new_empty(B, C, T, dtype=torch.float32),
-        )
+    register_tree_topk("sharedllm")

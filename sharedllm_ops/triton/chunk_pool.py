@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ..ops import _validate as V
+from ..ops._registration import register_chunk_pool
 from ..reference.chunk_pool import POOL_MODES
 from ._common import check_cu_seqlens_values, check_launch, next_pow2
 
@@ -141,31 +142,6 @@ def chunk_pool_backward(
     return grad_x
 
 
-@chunk_pool.register_fake
-def _(x, cu_seqlens, tokens_per_node, mode):
-    V.check_devices(x, cu_seqlens=cu_seqlens)
-    return x.new_empty((cu_seqlens.shape[0] - 1) * tokens_per_node, x.shape[1], x.shape[2])
-
-
-@chunk_pool_backward.register_fake
-def _(grad_out, cu_seqlens, num_rows, tokens_per_node, mode):
-    V.check_devices(grad_out, cu_seqlens=cu_seqlens)
-    return grad_out.new_empty(num_rows, grad_out.shape[1], grad_out.shape[2])
-
-
-def _setup_context(ctx, inputs, output):
-    x, cu_seqlens, tokens_per_node, mode = inputs
-    ctx.save_for_backward(cu_seqlens)
-    ctx.num_rows, ctx.tokens_per_node, ctx.mode = x.shape[0], tokens_per_node, mode
-
-
-def _backward(ctx, grad):
-    (cu_seqlens,) = ctx.saved_tensors
-    grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-    grad_x = chunk_pool_backward(grad, cu_seqlens, ctx.num_rows, ctx.tokens_per_node, ctx.mode)
-    return grad_x, None, None, None
-
-
-chunk_pool.register_autograd(_backward, setup_context=_setup_context)
+register_chunk_pool("sharedllm_triton")
 
 __all__ = ["POOL_MODES", "chunk_pool", "chunk_pool_backward"]

@@ -19,9 +19,20 @@ import triton
 import triton.language as tl
 
 from ..ops import _validate as V
+from ..ops._registration import register_cross_inject_attention
 from ._common import check_cu_seqlens_values, check_launch, next_pow2
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _query_tile(tile_seq_ptr, tile_row_ptr, cu_q_ptr, cu_k_ptr, BLOCK_M: tl.constexpr):
+    """The query rows of this program's tile (and which are in its sequence), and the sequence's keys."""
+    tile = tl.program_id(0)
+    seq = tl.load(tile_seq_ptr + tile)
+    rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
+    row_ok = rows < tl.load(cu_q_ptr + seq + 1)
+    return rows, row_ok, tl.load(cu_k_ptr + seq), tl.load(cu_k_ptr + seq + 1)
 
 
 @triton.jit
@@ -76,18 +87,11 @@ def _attn_fwd_kernel(
     ROTARY: tl.constexpr, HALF: tl.constexpr, LOW_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    tile = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
-    seq = tl.load(tile_seq_ptr + tile)
-    row0 = tl.load(tile_row_ptr + tile)
-    q_end = tl.load(cu_q_ptr + seq + 1)
-    k_start = tl.load(cu_k_ptr + seq)
-    k_end = tl.load(cu_k_ptr + seq + 1)
+    rows, row_ok, k_start, k_end = _query_tile(tile_seq_ptr, tile_row_ptr, cu_q_ptr, cu_k_ptr, BLOCK_M)
     DTYPE: tl.constexpr = q_ptr.dtype.element_ty
 
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < q_end
     dcols = tl.arange(0, BLOCK_D)
     d_ok = dcols < D
     vcols = tl.arange(0, BLOCK_DV)
@@ -178,18 +182,11 @@ def _attn_bwd_dq_kernel(
     LOW_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    tile = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
-    seq = tl.load(tile_seq_ptr + tile)
-    row0 = tl.load(tile_row_ptr + tile)
-    q_end = tl.load(cu_q_ptr + seq + 1)
-    k_start = tl.load(cu_k_ptr + seq)
-    k_end = tl.load(cu_k_ptr + seq + 1)
+    rows, row_ok, k_start, k_end = _query_tile(tile_seq_ptr, tile_row_ptr, cu_q_ptr, cu_k_ptr, BLOCK_M)
     DTYPE: tl.constexpr = q_ptr.dtype.element_ty
 
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < q_end
     dcols = tl.arange(0, BLOCK_D)
     d_ok = dcols < D
     vcols = tl.arange(0, BLOCK_DV)
@@ -414,36 +411,6 @@ def cross_inject_attention_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-@cross_inject_attention.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, q_positions, k_positions, rotary_cos, rotary_sin):
-    V.check_devices(q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, q_positions=q_positions,
-                    k_positions=k_positions, rotary_cos=rotary_cos, rotary_sin=rotary_sin)
-    return (q.new_empty(q.shape[0], q.shape[1], v.shape[2]),
-            q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32))
-
-
-@cross_inject_attention_backward.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, *rest):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, scale, q_pos, k_pos, cos, sin = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, q_pos, k_pos, cos, sin)
-    ctx.softmax_scale = scale
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_q, cu_k, q_pos, k_pos, cos, sin = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    dq, dk, dv = cross_inject_attention_backward(
-        grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, ctx.softmax_scale, q_pos, k_pos, cos, sin
-    )
-    return dq, dk, dv, None, None, None, None, None, None, None
-
-
-cross_inject_attention.register_autograd(_backward, setup_context=_setup_context)
+register_cross_inject_attention("sharedllm_triton")
 
 __all__ = ["cross_inject_attention", "cross_inject_attention_backward"]

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import _validate as V
+from ..ops._registration import register_tree_topk
 from ..reference.tree_topk import level_offset, num_preserved
 from ._common import check_launch, next_pow2
 
@@ -138,14 +138,6 @@ def tree_topk(
     return ids, scores
 
 
-@tree_topk.register_fake
-def _(query, node_emb, depth, k, branching, score):
-    V.check_devices(query, node_emb=node_emb)
-    B, C, T = node_emb.shape[0], node_emb.shape[1], node_emb.shape[2]
-    return (
-        query.new_empty(B, C, num_preserved(depth, k, branching), dtype=torch.int32),
-        query.new_empty(B, C, T, dtype=torch.float32),
-    )
-
+register_tree_topk("sharedllm_triton")
 
 __all__ = ["tree_topk"]
