@@ -23,7 +23,7 @@ $PY -m sharedllm_ops info | tee "$OUT/info.txt"
 # the tests that touch the GPU (the CPU ones ran in CI), then the benchmarks
 $PY -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs > "$OUT/tests_gpu.log" 2>&1
 echo "GPU kernel tests: rc=$? ($(tail -1 "$OUT/tests_gpu.log"))"
-$PY -m pytest tests -q -p no:cacheprovider -k "cuda or model" --deselect tests/test_gpu.py > "$OUT/tests.log" 2>&1
+$PY -m pytest tests -q -p no:cacheprovider -k "cuda or model" --deselect tests/test_gpu.py --ignore tests/test_cuda_emulated.py > "$OUT/tests.log" 2>&1
 echo "other CUDA and model tests: rc=$? ($(tail -1 "$OUT/tests.log"))"
 # memory errors and shared-memory races of the kernels, on a small selection
 SAN="$CUDA_HOME/bin/compute-sanitizer"

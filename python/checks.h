@@ -43,12 +43,15 @@ inline void check_index_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
 }
 
-// cu_seqlens: int32 [S + 1], cu[0] == 0, non-decreasing, cu[S] == total. Reads the values, so on
-// CUDA it costs a copy to the host; callers on the hot path validate on the device instead.
-inline void check_cu_seqlens(const at::Tensor& cu, int64_t total, const char* name, const char* total_name) {
+// cu_seqlens: int32 [S + 1], cu[0] == 0, non-decreasing, cu[S] == total. Reading the values costs a
+// copy to the host on CUDA and is impossible while a CUDA graph is captured: `read_values = false`
+// checks the shape only (the CUDA kernels clamp every bound they read).
+inline void check_cu_seqlens(const at::Tensor& cu, int64_t total, const char* name, const char* total_name,
+                             bool read_values = true) {
   check_index_tensor(cu, name);
   check_rank(cu, 1, name, "[S + 1]");
   TORCH_CHECK_VALUE(cu.numel() >= 1, name, " must have at least one element (it starts with 0)");
+  if (!read_values) return;
   const at::Tensor host = cu.device().is_cpu() ? cu.contiguous() : cu.to(at::kCPU).contiguous();
   const int32_t* c = host.data_ptr<int32_t>();
   TORCH_CHECK_VALUE(c[0] == 0, name, "[0] must be 0, got ", c[0]);
@@ -59,10 +62,11 @@ inline void check_cu_seqlens(const at::Tensor& cu, int64_t total, const char* na
                     c[host.numel() - 1]);
 }
 
-inline void check_positions(const at::Tensor& pos, int64_t n, int64_t max_pos, const char* name) {
+inline void check_positions(const at::Tensor& pos, int64_t n, int64_t max_pos, const char* name,
+                            bool read_values = true) {
   check_index_tensor(pos, name);
   TORCH_CHECK_VALUE(pos.dim() == 1 && pos.size(0) == n, name, " must have shape [", n, "], got ", pos.sizes());
-  if (n == 0) return;
+  if (n == 0 || !read_values) return;
   const at::Tensor host = pos.device().is_cpu() ? pos.contiguous() : pos.to(at::kCPU).contiguous();
   const auto [lo, hi] = at::aminmax(host);
   const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
@@ -123,6 +127,12 @@ struct KernelType<at::Half> {
 template <>
 struct KernelType<at::BFloat16> {
   using type = sharedllm::bfloat16_t;
+};
+
+// Tag carrying a csrc kernel type through the generic launcher lambdas of the run_* bindings.
+template <typename T>
+struct KernelTag {
+  using type = T;
 };
 
 }  // namespace sharedllm::binding

@@ -1,125 +1,18 @@
 // torch.ops.sharedllm.cross_inject_attention / cross_inject_attention_backward on CPU.
-#include "sharedllm/cross_inject_attention.h"
-
-#include "checks.h"
+#include "attention_binding.h"
 #include "ops.h"
 
 namespace sharedllm::binding {
-namespace {
-
-// Validated views of the arguments common to forward and backward.
-struct AttentionInputs {
-  int64_t batch, hq, hk, d, dv, nq, nk;
-  at::Tensor cu_q, cu_k;              // contiguous int32
-  at::Tensor q_pos, k_pos, cos, sin;  // contiguous; undefined without rotary
-};
-
-AttentionInputs check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                       const std::optional<at::Tensor>& q_positions,
-                                       const std::optional<at::Tensor>& k_positions,
-                                       const std::optional<at::Tensor>& rotary_cos,
-                                       const std::optional<at::Tensor>& rotary_sin) {
-  check_rank(q, 3, "q", "[Nq, Hq, D]");
-  check_rank(k, 3, "k", "[Nk, Hk, D]");
-  check_rank(v, 3, "v", "[Nk, Hk, Dv]");
-  check_float_dtype(q, "q");
-  check_same_dtype(k, q, "k", "q");
-  check_same_dtype(v, q, "v", "q");
-  check_same_device(k, q, "k", "q");
-  check_same_device(v, q, "v", "q");
-  check_same_device(cu_seqlens_q, q, "cu_seqlens_q", "q");
-  check_same_device(cu_seqlens_k, q, "cu_seqlens_k", "q");
-  check_last_dim_contiguous(q, "q");
-  check_last_dim_contiguous(k, "k");
-  check_last_dim_contiguous(v, "v");
-  AttentionInputs in;
-  in.nq = q.size(0), in.hq = q.size(1), in.d = q.size(2);
-  in.nk = k.size(0), in.hk = k.size(1), in.dv = v.size(2);
-  TORCH_CHECK_VALUE(in.d >= 1 && in.dv >= 1, "head dims must be >= 1, got q.shape[2] = ", in.d, " and v.shape[2] = ",
-                    in.dv);
-  TORCH_CHECK_VALUE(k.size(2) == in.d, "k.shape[2] must equal q.shape[2] = ", in.d, ", got ", k.size(2));
-  TORCH_CHECK_VALUE(v.size(0) == in.nk && v.size(1) == in.hk, "v.shape[:2] must equal k.shape[:2] = [", in.nk, ", ",
-                    in.hk, "], got ", v.sizes());
-  TORCH_CHECK_VALUE(in.hk >= 1 && in.hq % in.hk == 0, "the number of query heads (q.shape[1] = ", in.hq,
-                    ") must be a multiple of the number of kv heads (k.shape[1] = ", in.hk, ")");
-  check_cu_seqlens(cu_seqlens_q, in.nq, "cu_seqlens_q", "q.shape[0]");
-  check_cu_seqlens(cu_seqlens_k, in.nk, "cu_seqlens_k", "k.shape[0]");
-  TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), "cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got ",
-                    cu_seqlens_q.size(0) - 1, " and ", cu_seqlens_k.size(0) - 1);
-  in.batch = cu_seqlens_q.size(0) - 1;
-  in.cu_q = cu_seqlens_q.contiguous();
-  in.cu_k = cu_seqlens_k.contiguous();
-  const bool any_rotary = rotary_cos.has_value() || rotary_sin.has_value() || q_positions.has_value() ||
-                          k_positions.has_value();
-  if (any_rotary) {
-    TORCH_CHECK_VALUE(rotary_cos.has_value() && rotary_sin.has_value() && q_positions.has_value() &&
-                          k_positions.has_value(),
-                      "the fused rotary needs all of rotary_cos, rotary_sin, q_positions and k_positions");
-    TORCH_CHECK_VALUE(in.d % 2 == 0, "the fused rotary needs an even head dim, got q.shape[2] = ", in.d);
-    const at::Tensor& cos = *rotary_cos;
-    const at::Tensor& sin = *rotary_sin;
-    check_rank(cos, 2, "rotary_cos", "[max_pos, D]");
-    TORCH_CHECK_VALUE(cos.size(1) == in.d, "rotary_cos.shape[1] must equal the head dim ", in.d, ", got ",
-                      cos.size(1));
-    TORCH_CHECK_VALUE(sin.sizes() == cos.sizes(), "rotary_sin must have the shape of rotary_cos ", cos.sizes(),
-                      ", got ", sin.sizes());
-    TORCH_CHECK_VALUE(at::isFloatingType(cos.scalar_type()) && at::isFloatingType(sin.scalar_type()),
-                      "rotary_cos and rotary_sin must be floating point");
-    check_same_device(cos, q, "rotary_cos", "q");
-    check_same_device(sin, q, "rotary_sin", "q");
-    check_same_device(*q_positions, q, "q_positions", "q");
-    check_same_device(*k_positions, q, "k_positions", "q");
-    check_positions(*q_positions, in.nq, cos.size(0), "q_positions");
-    check_positions(*k_positions, in.nk, cos.size(0), "k_positions");
-    in.q_pos = q_positions->contiguous();
-    in.k_pos = k_positions->contiguous();
-    in.cos = cos.to(at::kFloat).contiguous();
-    in.sin = sin.to(at::kFloat).contiguous();
-  }
-  return in;
-}
-
-void fill_params(AttentionParams& p, const AttentionInputs& in, const at::Tensor& q, const at::Tensor& k,
-                 const at::Tensor& v, double softmax_scale) {
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.cu_seqlens_q = in.cu_q.data_ptr<int32_t>();
-  p.cu_seqlens_k = in.cu_k.data_ptr<int32_t>();
-  p.batch = in.batch, p.num_q_heads = in.hq, p.num_kv_heads = in.hk, p.head_dim = in.d, p.v_dim = in.dv;
-  p.q_row_stride = q.stride(0), p.q_head_stride = q.stride(1);
-  p.k_row_stride = k.stride(0), p.k_head_stride = k.stride(1);
-  p.v_row_stride = v.stride(0), p.v_head_stride = v.stride(1);
-  p.softmax_scale = static_cast<float>(softmax_scale);
-  if (in.cos.defined()) {
-    p.rotary.q_positions = in.q_pos.data_ptr<int32_t>();
-    p.rotary.k_positions = in.k_pos.data_ptr<int32_t>();
-    p.rotary.cos = in.cos.data_ptr<float>();
-    p.rotary.sin = in.sin.data_ptr<float>();
-  }
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> cross_inject_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, double softmax_scale, const std::optional<at::Tensor>& q_positions,
     const std::optional<at::Tensor>& k_positions, const std::optional<at::Tensor>& rotary_cos,
     const std::optional<at::Tensor>& rotary_sin) {
-  const AttentionInputs in = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions,
-                                                    rotary_cos, rotary_sin);
-  at::Tensor out = at::empty({in.nq, in.hq, in.dv}, q.options());
-  at::Tensor lse = at::empty({in.nq, in.hq}, q.options().dtype(at::kFloat));
-  if (in.nq == 0 || in.hq == 0) return {out, lse};
-  SHAREDLLM_DISPATCH_FLOATING(q.scalar_type(), "cross_inject_attention", [&] {
-    AttentionForwardParams p;
-    fill_params(p, in, q, k, v, softmax_scale);
-    p.out = out.data_ptr();
-    p.lse = lse.data_ptr<float>();
-    cpu::cross_inject_attention_forward<typename KernelType<scalar_t>::type>(p);
-  });
-  return {out, lse};
+  return run_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, q_positions, k_positions,
+                               rotary_cos, rotary_sin, /*read_values=*/true, [](auto tag, const AttentionForwardParams& p) {
+                                 cpu::cross_inject_attention_forward<typename decltype(tag)::type>(p);
+                               });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_inject_attention_backward_cpu(
@@ -128,39 +21,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_inject_attention_backward_c
     const at::Tensor& cu_seqlens_k, double softmax_scale, const std::optional<at::Tensor>& q_positions,
     const std::optional<at::Tensor>& k_positions, const std::optional<at::Tensor>& rotary_cos,
     const std::optional<at::Tensor>& rotary_sin) {
-  const AttentionInputs in = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions,
-                                                    rotary_cos, rotary_sin);
-  TORCH_CHECK_VALUE(grad_out.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({in.nq, in.hq, in.dv}),
-                    "grad_out and out must have shape [Nq, Hq, Dv] = [", in.nq, ", ", in.hq, ", ", in.dv, "], got ",
-                    grad_out.sizes(), " and ", out.sizes());
-  check_same_dtype(grad_out, q, "grad_out", "q");
-  check_same_dtype(out, q, "out", "q");
-  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({in.nq, in.hq}),
-                    "lse must be float32 [Nq, Hq], got ", lse.scalar_type(), " ", lse.sizes());
-  at::Tensor grad_lse_f;
-  if (grad_lse.has_value()) {
-    TORCH_CHECK_VALUE(grad_lse->sizes() == lse.sizes(), "grad_lse must have the shape of lse ", lse.sizes(),
-                      ", got ", grad_lse->sizes());
-    grad_lse_f = grad_lse->to(at::kFloat).contiguous();
-  }
-  at::Tensor dq = at::empty({in.nq, in.hq, in.d}, q.options());
-  at::Tensor dk = at::empty({in.nk, in.hk, in.d}, q.options());
-  at::Tensor dv = at::empty({in.nk, in.hk, in.dv}, q.options());
-  if (dq.numel() + dk.numel() + dv.numel() == 0) return {dq, dk, dv};
-  const at::Tensor go = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
-  SHAREDLLM_DISPATCH_FLOATING(q.scalar_type(), "cross_inject_attention_backward", [&] {
-    AttentionBackwardParams p;
-    fill_params(p, in, q, k, v, softmax_scale);
-    p.grad_out = go.data_ptr();
-    p.out = o.data_ptr();
-    p.lse = l.data_ptr<float>();
-    p.grad_lse = grad_lse_f.defined() ? grad_lse_f.data_ptr<float>() : nullptr;
-    p.grad_q = dq.data_ptr();
-    p.grad_k = dk.data_ptr();
-    p.grad_v = dv.data_ptr();
-    cpu::cross_inject_attention_backward<typename KernelType<scalar_t>::type>(p);
-  });
-  return {dq, dk, dv};
+  return run_attention_backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale,
+                                q_positions, k_positions, rotary_cos, rotary_sin, /*read_values=*/true,
+                                [](auto tag, const AttentionBackwardParams& p) {
+                                  cpu::cross_inject_attention_backward<typename decltype(tag)::type>(p);
+                                });
 }
 
 }  // namespace sharedllm::binding

@@ -39,6 +39,17 @@ at::Tensor chunk_pool_backward_cuda(const at::Tensor& grad_out, const at::Tensor
                                     int64_t tokens_per_node, c10::string_view mode);
 std::tuple<at::Tensor, at::Tensor> tree_topk_cuda(const at::Tensor& query, const at::Tensor& node_emb, int64_t depth,
                                                   int64_t k, int64_t branching, c10::string_view score);
+std::tuple<at::Tensor, at::Tensor> cross_inject_attention_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, double softmax_scale, const std::optional<at::Tensor>& q_positions,
+    const std::optional<at::Tensor>& k_positions, const std::optional<at::Tensor>& rotary_cos,
+    const std::optional<at::Tensor>& rotary_sin);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_inject_attention_backward_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, double softmax_scale, const std::optional<at::Tensor>& q_positions,
+    const std::optional<at::Tensor>& k_positions, const std::optional<at::Tensor>& rotary_cos,
+    const std::optional<at::Tensor>& rotary_sin);
 #endif
 
 std::string build_info();

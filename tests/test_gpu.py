@@ -209,14 +209,56 @@ def test_attention_gpu_matches_reference(dtype, rotary, d, backend):
         assert_close(a, b, grad_tol(dtype, float(b.abs().max())), msg=f"d{name}")
 
 
-@TRITON_ATTENTION
-def test_attention_gpu_128k_keys():
+@pytest.mark.parametrize("backend", gpu_backends("cross_inject_attention"))
+def test_attention_gpu_128k_keys(backend):
     """One sequence of 128K pooled keys (64-bit row offsets in the kernel's key loop)."""
     q, k, v, cq, ck, extra = _attention_inputs([64], [131072], 8, 2, 128, torch.bfloat16, max_pos=200_000)
-    out, lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="triton", **extra)
+    out, lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend=backend, **extra)
     ref, ref_lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="reference", **extra)
     assert_close(out, ref, ATTN_TOL[torch.bfloat16])
     torch.testing.assert_close(lse, ref_lse, **LSE_TOL_16BIT)
+
+
+@pytest.mark.parametrize("backend", gpu_backends("cross_inject_attention"))
+@pytest.mark.parametrize("d,dv,layout", [(80, 80, "contiguous"), (64, 32, "contiguous"), (128, 128, "strided")])
+def test_attention_gpu_other_head_dims_and_layouts(d, dv, layout, backend):
+    """Shapes off the CUDA tensor-core path (D not in {64, 128}, Dv != D, unaligned strides)."""
+    lq, lk = [100, 3], [700, 0]
+    gen = torch.Generator().manual_seed(1)
+    pad = 3 if layout == "strided" else 0
+    q = torch.randn(sum(lq), 8, d + pad, generator=gen).to(DEV, torch.bfloat16)[..., :d]
+    k = torch.randn(sum(lk), 2, d + pad, generator=gen).to(DEV, torch.bfloat16)[..., :d]
+    v = torch.randn(sum(lk), 2, dv + pad, generator=gen).to(DEV, torch.bfloat16)[..., :dv]
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    with nan_filled_empty():
+        out, lse = so.cross_inject_attention(*leaves, _cu(lq), _cu(lk), return_lse=True, backend=backend)
+    ref, ref_lse = so.cross_inject_attention(*leaves, _cu(lq), _cu(lk), return_lse=True, backend="reference")
+    assert_close(out, ref, ATTN_TOL[torch.bfloat16])
+    g = torch.randn_like(out)
+    got = torch.autograd.grad((out.float() * g).sum(), leaves)
+    exp = torch.autograd.grad((ref.float() * g).sum(), leaves)
+    for name, a, b in zip("qkv", got, exp):
+        assert_close(a, b, grad_tol(torch.bfloat16, float(b.abs().max())), msg=f"d{name}")
+
+
+def test_attention_cuda_graph_capture_and_bad_inputs():
+    if not so._ext.compiled_kernels["cross_inject_attention"]["cuda"]:
+        pytest.skip("this build has no CUDA kernel for cross_inject_attention")
+    q, k, v, cq, ck, extra = _attention_inputs([70, 0, 5], [130, 3, 0], 8, 2, 128, torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="cuda", **extra)
+    k.copy_(torch.randn_like(k))
+    graph.replay()
+    ref, ref_lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="reference", **extra)
+    assert_close(out, ref, ATTN_TOL[torch.bfloat16])  # the replay saw the new k
+    torch.testing.assert_close(lse, ref_lse, **LSE_TOL_16BIT)
+    with pytest.raises(ValueError, match="cu_seqlens_q.*device"):
+        so.cross_inject_attention(q, k, v, cq.cpu(), ck, backend="cuda", **extra)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k\[-1\]"):
+        so.cross_inject_attention(q, k, v, cq, _cu([130, 2, 0]), backend="cuda", **extra)
+    with pytest.raises(ValueError, match="k_positions"):
+        so.cross_inject_attention(q, k, v, cq, ck, backend="cuda", **{**extra, "k_positions": extra["k_positions"] + 5000})
 
 
 @TRITON_ATTENTION
@@ -233,14 +275,15 @@ def test_attention_gpu_varlen_does_not_retune():
     assert entries[0] >= 1 and entries[1:] == [entries[0]] * 2, f"tuned entries after each call: {entries}"
 
 
-@TRITON_ATTENTION
-def test_attention_gpu_opcheck_and_compile():
+@pytest.mark.parametrize("backend", gpu_backends("cross_inject_attention"))
+def test_attention_gpu_opcheck_and_compile(backend):
     q, k, v, cq, ck, extra = _attention_inputs([30, 0, 17], [40, 9, 0], 8, 2, 64, torch.bfloat16)
     args = (q, k, v, cq, ck, 0.125, extra["q_positions"], extra["k_positions"], extra["rotary_cos"], extra["rotary_sin"])
-    torch.library.opcheck(torch.ops.sharedllm_triton.cross_inject_attention.default, args)
+    ops = torch.ops.sharedllm_triton if backend == "triton" else torch.ops.sharedllm
+    torch.library.opcheck(ops.cross_inject_attention.default, args)
 
     def fn(q, k, v):
-        out, lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="triton", **extra)
+        out, lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend=backend, **extra)
         return out.float().sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum()
 
     leaves = [t.requires_grad_() for t in (q, k, v)]
@@ -251,13 +294,13 @@ def test_attention_gpu_opcheck_and_compile():
         torch.testing.assert_close(a, b)
 
 
-@TRITON_ATTENTION
-def test_attention_gpu_duplicated_keys():
+@pytest.mark.parametrize("backend", gpu_backends("cross_inject_attention"))
+def test_attention_gpu_duplicated_keys(backend):
     """A timing-free check that the tiled kernel handles every key block: doubling the keys with a
     copy of themselves leaves the output unchanged and raises the lse by exactly log(2)."""
     q, k, v, cq, ck, _ = _attention_inputs([500], [3000], 16, 4, 128, torch.float32, rotary=False)
-    out, lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="triton")
+    out, lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend=backend)
     out2, lse2 = so.cross_inject_attention(q, torch.cat((k, k)), torch.cat((v, v)), cq, _cu([6000]),
-                                           return_lse=True, backend="triton")
+                                           return_lse=True, backend=backend)
     torch.testing.assert_close(out2, out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse2, lse + math.log(2.0), atol=1e-5, rtol=1e-5)

@@ -117,9 +117,9 @@ void chunk_pool_forward(const ChunkPoolParams& p, int64_t num_rows, void* stream
   auto s = static_cast<cudaStream_t>(stream);
   if (can_vectorize<T>({p.x, p.out}, {p.x_row_stride, p.x_head_stride, p.out_row_stride, p.out_head_stride},
                        p.head_dim)) {
-    chunk_pool_forward_kernel<T, kVec><<<grid_for(rows, p.num_heads, p.head_dim, kVec), kThreads, 0, s>>>(p, total);
+    launch_kernel(chunk_pool_forward_kernel<T, kVec>, grid_for(rows, p.num_heads, p.head_dim, kVec), kThreads, 0, s, p, total);
   } else {
-    chunk_pool_forward_kernel<T, 1><<<grid_for(rows, p.num_heads, p.head_dim, 1), kThreads, 0, s>>>(p, total);
+    launch_kernel(chunk_pool_forward_kernel<T, 1>, grid_for(rows, p.num_heads, p.head_dim, 1), kThreads, 0, s, p, total);
   }
   check_launch("chunk_pool_forward");
 }
@@ -130,9 +130,11 @@ void chunk_pool_backward(const ChunkPoolBackwardParams& p, int64_t num_rows, voi
   auto s = static_cast<cudaStream_t>(stream);
   if (can_vectorize<T>({p.grad_out, p.grad_x}, {p.go_row_stride, p.go_head_stride, p.gx_row_stride, p.gx_head_stride},
                        p.head_dim)) {
-    chunk_pool_backward_kernel<T, kVec><<<grid_for(num_rows, p.num_heads, p.head_dim, kVec), kThreads, 0, s>>>(p, num_rows);
+    launch_kernel(chunk_pool_backward_kernel<T, kVec>, grid_for(num_rows, p.num_heads, p.head_dim, kVec), kThreads, 0, s,
+                  p, num_rows);
   } else {
-    chunk_pool_backward_kernel<T, 1><<<grid_for(num_rows, p.num_heads, p.head_dim, 1), kThreads, 0, s>>>(p, num_rows);
+    launch_kernel(chunk_pool_backward_kernel<T, 1>, grid_for(num_rows, p.num_heads, p.head_dim, 1), kThreads, 0, s, p,
+                  num_rows);
   }
   check_launch("chunk_pool_backward");
 }

@@ -19,7 +19,7 @@ constexpr unsigned char kExpanded = 1, kPreserved = 2;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) tree_topk_kernel(TreeTopkParams p) {
-  extern __shared__ float shared[];
+  SHAREDLLM_DYNAMIC_SHARED(float, shared);
   float* scores = shared;                                                  // [T]
   unsigned char* flags = reinterpret_cast<unsigned char*>(shared + p.nodes);  // [T]
   __shared__ float query_norm_parts[kWarps];
@@ -112,7 +112,7 @@ template <typename T>
 void tree_topk(const TreeTopkParams& p, void* stream) {
   const int64_t blocks = p.batch * p.chunks;
   const size_t shared = static_cast<size_t>(tree_topk_shared_bytes(p.nodes));
-  tree_topk_kernel<T><<<static_cast<unsigned>(blocks), kThreads, shared, static_cast<cudaStream_t>(stream)>>>(p);
+  launch_kernel(tree_topk_kernel<T>, static_cast<unsigned>(blocks), kThreads, shared, static_cast<cudaStream_t>(stream), p);
   check_launch("tree_topk");
 }
 

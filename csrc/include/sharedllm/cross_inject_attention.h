@@ -14,6 +14,7 @@ struct RotaryParams {
   const int32_t* k_positions = nullptr;  // [Nk]
   const float* cos = nullptr;            // [max_pos, D], contiguous float32
   const float* sin = nullptr;            // [max_pos, D], contiguous float32
+  int64_t max_pos = 0;                   // rows of cos/sin (the CUDA kernels clamp positions to it)
   bool enabled() const { return cos != nullptr; }
 };
 
@@ -71,5 +72,20 @@ void cross_inject_attention_forward(const AttentionForwardParams& p);
 template <typename T>
 void cross_inject_attention_backward(const AttentionBackwardParams& p);
 }  // namespace cpu
+
+namespace cuda {
+// The CUDA kernels stage a few float32 rows per warp in shared memory on their general path, which
+// bounds D + Dv; the tensor-core path (16-bit, D == Dv in {64, 128}) has no such staging.
+inline constexpr int64_t kMaxHeadDims = 4096;  // D + Dv
+
+// `nq`, `nk`: Nq and Nk (sequence bounds are clamped to them, so unvalidated cu_seqlens cannot
+// read out of bounds); `stream` is a cudaStream_t (void* keeps CUDA headers out of this header).
+template <typename T>
+void cross_inject_attention_forward(const AttentionForwardParams& p, int64_t nq, int64_t nk, void* stream);
+// `delta`: float32 [Nq, Hq] scratch for rowsum(dO * O) - grad_lse
+template <typename T>
+void cross_inject_attention_backward(const AttentionBackwardParams& p, int64_t nq, int64_t nk, float* delta,
+                                     void* stream);
+}  // namespace cuda
 
 }  // namespace sharedllm

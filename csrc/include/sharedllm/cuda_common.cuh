@@ -75,6 +75,24 @@ __device__ __forceinline__ int64_t segment_of_row(const int32_t* cu, int64_t num
   return lo;
 }
 
+// The block's dynamic shared memory as `type* name`. (The CPU emulator of tests/cuda_emulator
+// defines its own.)
+#ifndef SHAREDLLM_DYNAMIC_SHARED
+#define SHAREDLLM_DYNAMIC_SHARED(type, name)                                  \
+  extern __shared__ __align__(16) unsigned char sharedllm_dynamic_shared[]; \
+  type* name = reinterpret_cast<type*>(sharedllm_dynamic_shared)
+#endif
+
+// kernel<<<grid, block, shared_bytes, stream>>>(args...), spelled as a call so that the kernels'
+// host code also compiles under the CPU emulator of tests/cuda_emulator, which defines its own.
+#ifndef SHAREDLLM_CUDA_EMULATOR
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+                   Args&&... args) {
+  kernel<<<grid, block, shared_bytes, stream>>>(static_cast<Args&&>(args)...);
+}
+#endif
+
 // Every launch is checked: a failed launch becomes an exception naming the kernel.
 inline void check_launch(const char* kernel) {
   const cudaError_t err = cudaGetLastError();

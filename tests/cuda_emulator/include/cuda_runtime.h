@@ -1,0 +1,308 @@
+// A CPU emulator for the subset of CUDA that csrc/cuda/*.cu uses, so that CI (which has no GPU)
+// can run the real kernel source. It replaces <cuda_runtime.h>, <cuda_fp16.h> and <cuda_bf16.h>
+// when the kernels are compiled as host C++ with -DSHAREDLLM_CUDA_EMULATOR.
+//
+// Every CUDA thread of a block is a fiber (ucontext) on one OS thread; blocks run one after the
+// other. __syncthreads, __syncwarp, warp shuffles and mma.sync are collective: a fiber deposits
+// its operand and yields until every live thread of its block (or warp) has arrived. mma.sync
+// m16n8k16 is rebuilt from the 32 lanes' fragments with the layout of the PTX ISA and multiplied
+// in float32. Static __shared__ arrays become function statics (one block runs at a time);
+// dynamic shared memory is NaN-filled before each block, so a read of unwritten shared memory
+// shows up in the results. What this cannot show: races between warps that real hardware would
+// interleave differently, memory-model effects, and timing.
+#pragma once
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <tuple>
+#include <vector>
+
+#include "sharedllm/common.h"
+
+#define SHAREDLLM_CUDA_EMULATOR 1
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint4 {
+  unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
+using cudaError_t = int;
+using cudaStream_t = void*;
+constexpr cudaError_t cudaSuccess = 0;
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "no error"; }
+inline cudaError_t cudaGetDevice(int* device) { return *device = 0, cudaSuccess; }
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) { return *value = 9, cudaSuccess; }  // sm_90
+template <typename F>
+cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) {
+  return cudaSuccess;
+}
+
+// device math available on the host: min/max for mixed call sites, float intrinsics
+using std::max;
+using std::min;
+inline float __uint_as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t __float_as_uint(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+namespace emulator {
+
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<char[]> stack;
+  unsigned thread;
+  bool done = false;
+};
+
+struct Block {
+  std::vector<Fiber> fibers;
+  ucontext_t scheduler;
+  int current = 0;
+  // barrier state: arrivals and generation per scope (0 = block, 1 + w = warp w)
+  std::vector<int> arrived, generation;
+  uint64_t progress = 0;
+  std::vector<unsigned char> dynamic_shared;
+  // per-warp exchange slots for shuffles and mma operands: [warp][lane][8 words]
+  std::vector<uint32_t> slots;
+};
+
+inline Block*& block() {
+  static Block* b = nullptr;
+  return b;
+}
+
+}  // namespace emulator
+
+inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace emulator {
+
+inline void yield() {
+  Block& b = *block();
+  swapcontext(&b.fibers[b.current].context, &b.scheduler);
+}
+
+inline int live_threads(int scope) {
+  Block& b = *block();
+  int live = 0;
+  for (const Fiber& f : b.fibers)
+    if (!f.done && (scope == 0 || static_cast<int>(f.thread / 32) == scope - 1)) ++live;
+  return live;
+}
+
+// Waits until every live thread of the scope has arrived.
+inline void barrier(int scope) {
+  Block& b = *block();
+  const int gen = b.generation[scope];
+  ++b.arrived[scope];
+  ++b.progress;
+  while (b.generation[scope] == gen) {
+    if (b.arrived[scope] >= live_threads(scope)) {
+      b.arrived[scope] = 0;
+      ++b.generation[scope];
+      ++b.progress;
+      break;
+    }
+    yield();
+  }
+}
+
+inline int warp_scope() { return 1 + static_cast<int>(threadIdx.x / 32); }
+inline uint32_t* slot(unsigned thread) { return &block()->slots[static_cast<size_t>(thread) * 8]; }
+
+template <typename T>
+T shuffle_xor(T value, int lane_mask) {
+  static_assert(sizeof(T) <= 8, "shuffle of a wide type");
+  const unsigned me = threadIdx.x;
+  std::memcpy(slot(me), &value, sizeof(T));
+  barrier(warp_scope());
+  T other;
+  std::memcpy(&other, slot((me & ~31u) | ((me % 32) ^ static_cast<unsigned>(lane_mask))), sizeof(T));
+  barrier(warp_scope());
+  return other;
+}
+
+inline float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu;
+  uint32_t mant = h & 0x3ffu;
+  if (exp == 0x1fu) return __uint_as_float(sign | 0x7f800000u | (mant << 13));
+  if (exp != 0) return __uint_as_float(sign | ((exp + 112u) << 23) | (mant << 13));
+  const float magnitude = static_cast<float>(mant) * 5.9604644775390625e-8f;
+  return sign ? -magnitude : magnitude;
+}
+inline float bf16_bits_to_float(uint16_t h) { return __uint_as_float(static_cast<uint32_t>(h) << 16); }
+inline uint16_t float_to_half_bits(float f) {  // round to nearest even via the hardware float16 of the compiler
+  const _Float16 h = static_cast<_Float16>(f);
+  uint16_t bits;
+  std::memcpy(&bits, &h, 2);
+  return bits;
+}
+inline uint16_t float_to_bf16_bits(float f) {
+  uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: D = A B + C for the warp, each lane holding
+// the fragments the PTX ISA assigns it (g = lane / 4, t = lane % 4):
+//   A: a[0] = (g, 2t..2t+1), a[1] = (g+8, 2t..), a[2] = (g, 2t+8..), a[3] = (g+8, 2t+8..)
+//   B: b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
+//   C: c[0..1] = (g, 2t..2t+1), c[2..3] = (g+8, 2t..2t+1)
+template <typename T>
+void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const unsigned me = threadIdx.x, base = me & ~31u;
+  uint32_t* mine = slot(me);
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = b0;
+  mine[5] = b1;
+  barrier(warp_scope());
+  auto decode = [](uint32_t word, int half) {
+    const uint16_t bits = static_cast<uint16_t>(half ? word >> 16 : word & 0xffffu);
+    return std::is_same_v<T, sharedllm::half_t> ? half_bits_to_float(bits) : bf16_bits_to_float(bits);
+  };
+  float A[16][16], B[16][8];
+  for (unsigned lane = 0; lane < 32; ++lane) {
+    const uint32_t* s = slot(base + lane);
+    const int g = lane / 4, t = lane % 4;
+    for (int e = 0; e < 2; ++e) {
+      A[g][2 * t + e] = decode(s[0], e);
+      A[g + 8][2 * t + e] = decode(s[1], e);
+      A[g][2 * t + 8 + e] = decode(s[2], e);
+      A[g + 8][2 * t + 8 + e] = decode(s[3], e);
+      B[2 * t + e][g] = decode(s[4], e);
+      B[2 * t + 8 + e][g] = decode(s[5], e);
+    }
+  }
+  barrier(warp_scope());
+  const int g = (me % 32) / 4, t = (me % 32) % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2), col = 2 * t + (i % 2);
+    float sum = 0.f;
+    for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+    c[i] += sum;
+  }
+}
+
+inline void* dynamic_shared() { return block()->dynamic_shared.data(); }
+
+template <typename Kernel, typename... Args>
+struct Launch {
+  Kernel kernel;
+  std::tuple<Args...> args;
+};
+
+template <typename L>
+void fiber_entry(unsigned lo, unsigned hi) {
+  auto* launch = reinterpret_cast<L*>((static_cast<uintptr_t>(hi) << 32) | lo);
+  std::apply(launch->kernel, launch->args);
+  Block& b = *block();
+  b.fibers[b.current].done = true;
+  ++b.progress;
+}
+
+}  // namespace emulator
+
+#define SHAREDLLM_DYNAMIC_SHARED(type, name) type* name = static_cast<type*>(emulator::dynamic_shared())
+
+inline void __syncthreads() { emulator::barrier(0); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emulator::barrier(emulator::warp_scope()); }
+template <typename T>
+T __shfl_xor_sync(unsigned, T value, int lane_mask) {
+  return emulator::shuffle_xor(value, lane_mask);
+}
+[[noreturn]] inline void __trap() {
+  std::fprintf(stderr, "cuda emulator: __trap()\n");
+  std::abort();
+}
+
+namespace sharedllm::cuda {
+
+// kernel<<<grid, block, shared_bytes, stream>>>(args...), run block by block on fibers.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t shared_bytes, cudaStream_t,
+                   Args&&... args) {
+  using L = emulator::Launch<void (*)(Params...), std::decay_t<Params>...>;
+  L launch{kernel, std::tuple<std::decay_t<Params>...>(static_cast<Params>(args)...)};
+  constexpr size_t kStack = 256 * 1024;
+  const unsigned threads = block_dim.x * block_dim.y * block_dim.z;
+  if (block_dim.y != 1 || block_dim.z != 1 || threads % 32 != 0 || threads > 1024) {
+    std::fprintf(stderr, "cuda emulator: blocks must be 1-D whole warps, got %u threads\n", threads);
+    std::abort();
+  }
+  gridDim = grid;
+  blockDim = block_dim;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        emulator::Block b;
+        b.fibers.resize(threads);
+        b.arrived.assign(1 + threads / 32, 0);
+        b.generation.assign(1 + threads / 32, 0);
+        b.dynamic_shared.assign(shared_bytes + 16, 0xff);  // NaN in every float type
+        b.slots.assign(static_cast<size_t>(threads) * 8, 0);
+        emulator::block() = &b;
+        blockIdx = dim3(x, y, z);
+        const uintptr_t address = reinterpret_cast<uintptr_t>(&launch);
+        for (unsigned t = 0; t < threads; ++t) {
+          emulator::Fiber& f = b.fibers[t];
+          f.thread = t;
+          f.stack.reset(new char[kStack]);
+          getcontext(&f.context);
+          f.context.uc_stack.ss_sp = f.stack.get();
+          f.context.uc_stack.ss_size = kStack;
+          f.context.uc_link = &b.scheduler;
+          makecontext(&f.context, reinterpret_cast<void (*)()>(&emulator::fiber_entry<L>), 2,
+                      static_cast<unsigned>(address & 0xffffffffu), static_cast<unsigned>(address >> 32));
+        }
+        // round robin until every thread is done; a full round without progress is a deadlock
+        uint64_t seen = ~uint64_t{0};
+        for (;;) {
+          bool all_done = true;
+          for (unsigned t = 0; t < threads; ++t) {
+            if (b.fibers[t].done) continue;
+            all_done = false;
+            b.current = static_cast<int>(t);
+            threadIdx = dim3(t, 0, 0);
+            swapcontext(&b.scheduler, &b.fibers[t].context);
+          }
+          if (all_done) break;
+          if (b.progress == seen) {
+            std::fprintf(stderr, "cuda emulator: deadlock in block (%u, %u, %u)\n", x, y, z);
+            std::abort();
+          }
+          seen = b.progress;
+        }
+        emulator::block() = nullptr;
+      }
+}
+
+}  // namespace sharedllm::cuda

@@ -1,0 +1,183 @@
+"""The CUDA kernels of ``csrc/cuda`` run on the CPU, under the emulator of ``tests/cuda_emulator``.
+
+CI has no GPU, so this is where the CUDA source is executed on every submission: the ``.cu`` files
+are compiled as host C++ against an emulated CUDA runtime (threads as fibers; ``__syncthreads``,
+shuffles and ``mma.sync`` as collectives with the PTX fragment layouts) and registered as
+``torch.ops.sharedllm_emulated.*`` with the real bindings' checks and allocation. It checks the
+kernels' indexing, tiling, masking, fragment bookkeeping and math against the reference, with
+poisoned outputs and NaN-filled dynamic shared memory. It cannot check timing, races or the
+hardware itself: ``tests/test_gpu.py`` does that on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import ATTN_TOL, TOL, assert_close, assert_finite, cu_seqlens, grad_tol, nan_filled_empty, rotary_tables
+from test_tree_topk import check_against_brute_force
+
+import sharedllm_ops as so
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """Builds (once, cached under build/) and loads the emulated kernels; returns their op namespace."""
+    from torch.utils import cpp_extension
+
+    emulator = os.path.join(HERE, "cuda_emulator")
+    build_dir = os.path.join(ROOT, "build", "cuda_emulator")
+    os.makedirs(build_dir, exist_ok=True)
+    cpp_extension.load(
+        name="sharedllm_cuda_emulated",
+        sources=[os.path.join(emulator, f"harness_{op}.cpp") for op in ("attention", "chunk_pool", "tree_topk")],
+        extra_include_paths=[os.path.join(emulator, "include"), os.path.join(ROOT, "csrc", "include"),
+                             os.path.join(ROOT, "python")],
+        extra_cflags=["-O2", "-Wno-unused-function", "-Wno-unknown-pragmas"],
+        build_directory=build_dir,
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.sharedllm_emulated
+
+
+# ---------------------------------------------------------------------------------------------
+# cross_inject_attention
+
+
+def _attention_case(lq, lk, hq, hk, d, dv, dtype, rotary, layout="contiguous"):
+    gen = torch.Generator().manual_seed(1)
+    nq, nk = sum(lq), sum(lk)
+    if layout == "contiguous":
+        q = torch.randn(nq, hq, d, generator=gen).to(dtype)
+        k = torch.randn(nk, hk, d, generator=gen).to(dtype)
+        v = torch.randn(nk, hk, dv, generator=gen).to(dtype)
+    else:  # rows and heads on odd strides: the general path
+        q = torch.randn(nq, hq + 1, d + 3, generator=gen).to(dtype)[:, 1:, :d]
+        k = torch.randn(nk, hk, d + 3, generator=gen).to(dtype)[:, :, :d]
+        v = torch.randn(nk, hk, dv + 5, generator=gen).to(dtype)[:, :, 2 : 2 + dv]
+    extra = dict(q_positions=None, k_positions=None, rotary_cos=None, rotary_sin=None)
+    if rotary:
+        cos, sin = rotary_tables(512, d)
+        extra = dict(
+            q_positions=torch.randint(0, 512, (nq,), generator=gen, dtype=torch.int32),
+            k_positions=torch.randint(0, 512, (nk,), generator=gen, dtype=torch.int32),
+            rotary_cos=cos, rotary_sin=sin,
+        )
+    return q, k, v, cu_seqlens(lq), cu_seqlens(lk), extra
+
+
+# (lq, lk): several query tiles of 64 and key tiles of 64 / 32 with ragged ends, sequences without
+# keys or without queries, single rows
+LENGTHS = ([70, 0, 5, 1, 3], [130, 3, 0, 33, 0])
+
+ATTENTION_CASES = [
+    # tensor-core path: 16-bit, D == Dv in {64, 128}, aligned
+    pytest.param(torch.bfloat16, 64, 64, 4, 2, True, "contiguous", id="mma-bf16-d64-rotary-gqa2"),
+    pytest.param(torch.float16, 64, 64, 3, 1, False, "contiguous", id="mma-fp16-d64-gqa3"),
+    pytest.param(torch.bfloat16, 128, 128, 2, 2, False, "contiguous", id="mma-bf16-d128"),
+    pytest.param(torch.float16, 128, 128, 2, 1, True, "contiguous", id="mma-fp16-d128-rotary-gqa2"),
+    # general path: float32, odd head dims, Dv != D, unaligned strides
+    pytest.param(torch.float32, 64, 64, 4, 2, True, "contiguous", id="general-fp32-d64-rotary"),
+    pytest.param(torch.float16, 24, 40, 3, 1, True, "contiguous", id="general-fp16-d24-dv40-rotary"),
+    pytest.param(torch.float32, 7, 5, 2, 2, False, "contiguous", id="general-fp32-d7-dv5"),
+    pytest.param(torch.bfloat16, 64, 64, 2, 1, True, "strided", id="general-bf16-d64-strided"),
+]
+
+
+@pytest.mark.parametrize("dtype,d,dv,hq,hk,rotary,layout", ATTENTION_CASES)
+def test_attention_forward_backward_match_reference(emulated, dtype, d, dv, hq, hk, rotary, layout):
+    lq, lk = LENGTHS
+    q, k, v, cq, ck, extra = _attention_case(lq, lk, hq, hk, d, dv, dtype, rotary, layout)
+    scale = d**-0.5
+    args = (cq, ck, scale, extra["q_positions"], extra["k_positions"], extra["rotary_cos"], extra["rotary_sin"])
+    with nan_filled_empty():
+        out, lse = emulated.cross_inject_attention(q, k, v, *args)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = so.cross_inject_attention(*leaves, cq, ck, softmax_scale=scale, return_lse=True,
+                                             backend="reference", **extra)
+    assert_close(out, ref, ATTN_TOL[dtype], msg="out")
+    lse_tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=1e-2)
+    torch.testing.assert_close(lse, ref_lse, **lse_tol)
+    no_keys = slice(sum(lq[:2]), sum(lq[:3]))  # the third sequence has queries and no keys
+    assert torch.all(torch.isneginf(lse[no_keys])) and torch.count_nonzero(out[no_keys]) == 0
+
+    g = torch.randn_like(out)
+    gl = torch.where(torch.isfinite(ref_lse), torch.randn_like(ref_lse), 0.0)
+    exp = torch.autograd.grad(
+        (ref.float() * g.float()).sum() + (torch.where(torch.isfinite(ref_lse), ref_lse, 0.0) * gl).sum(), leaves
+    )
+    with nan_filled_empty():
+        got = emulated.cross_inject_attention_backward(g, gl, q, k, v, out, lse, *args)
+    for name, a, b in zip("qkv", got, exp):
+        assert_finite(a, f"d{name}")
+        assert_close(a, b, grad_tol(dtype, float(b.abs().max())), msg=f"d{name}")
+
+
+def test_attention_without_lse_gradient_and_empty_inputs(emulated):
+    q, k, v, cq, ck, extra = _attention_case([17], [40], 2, 1, 64, 64, torch.bfloat16, False)
+    out, lse = emulated.cross_inject_attention(q, k, v, cq, ck, 0.125, None, None, None, None)
+    g = torch.randn_like(out)
+    dq, dk, dv = emulated.cross_inject_attention_backward(g, None, q, k, v, out, lse, cq, ck, 0.125,
+                                                          None, None, None, None)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = so.cross_inject_attention(*leaves, cq, ck, softmax_scale=0.125, backend="reference")
+    for name, a, b in zip("qkv", (dq, dk, dv), torch.autograd.grad((ref.float() * g.float()).sum(), leaves)):
+        assert_close(a, b, grad_tol(torch.bfloat16, float(b.abs().max())), msg=f"d{name}")
+    # no queries at all, and no keys at all
+    empty_q = q[:0]
+    out0, lse0 = emulated.cross_inject_attention(empty_q, k, v, cu_seqlens([0]), ck, 0.125, None, None, None, None)
+    assert out0.shape == (0, 2, 64) and lse0.shape == (0, 2)
+    out1, lse1 = emulated.cross_inject_attention(q, k[:0], v[:0], cq, cu_seqlens([0]), 0.125, None, None, None, None)
+    assert torch.count_nonzero(out1) == 0 and torch.all(torch.isneginf(lse1))
+
+
+def test_attention_bad_inputs_are_rejected_by_the_shared_checks(emulated):
+    q, k, v, cq, ck, _ = _attention_case([4], [6], 2, 1, 64, 64, torch.float16, False)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k\[-1\]"):
+        emulated.cross_inject_attention(q, k, v, cq, cu_seqlens([5]), 0.125, None, None, None, None)
+    with pytest.raises(ValueError, match=r"multiple of the number of kv heads"):
+        emulated.cross_inject_attention(q[:, :1].expand(4, 3, 64), k.expand(6, 2, 64), v.expand(6, 2, 64), cq, ck,
+                                        0.125, None, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# chunk_pool and tree_topk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["mean", "first"])
+@pytest.mark.parametrize("head_dim", [16, 5], ids=["vector", "scalar"])
+def test_chunk_pool_matches_reference(emulated, dtype, mode, head_dim):
+    lengths = [9, 0, 1, 20]
+    x = torch.randn(sum(lengths), 2, head_dim).to(dtype)
+    cu = cu_seqlens(lengths)
+    with nan_filled_empty():
+        out = emulated.chunk_pool(x, cu, 4, mode)
+    assert_close(out, so.chunk_pool(x, cu, 4, mode=mode, backend="reference"), TOL[dtype])
+    g = torch.randn_like(out)
+    xr = x.detach().clone().requires_grad_()
+    (expected,) = torch.autograd.grad((so.chunk_pool(xr, cu, 4, mode=mode, backend="reference").float() * g.float()).sum(), xr)
+    with nan_filled_empty():
+        grad = emulated.chunk_pool_backward(g, cu, x.shape[0], 4, mode)
+    assert_close(grad, expected, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("score", ["cosine", "dot"])
+@pytest.mark.parametrize("depth,k,b", [(3, 1, 2), (2, 2, 3)])
+def test_tree_topk_matches_reference(emulated, dtype, score, depth, k, b):
+    from sharedllm_ops import reference as R
+
+    T = R.num_tree_nodes(depth, b)
+    query = torch.randn(2, 40).to(dtype)
+    emb = torch.randn(2, 3, T, 40).to(dtype)
+    with nan_filled_empty():
+        ids, scores = emulated.tree_topk(query, emb, depth, k, b, score)
+    _, ref_scores = so.tree_topk(query, emb, depth, k=k, branching=b, score=score, backend="reference")
+    torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
+    check_against_brute_force(ids, scores, depth, k, b)
