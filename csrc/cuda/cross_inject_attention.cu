@@ -331,6 +331,38 @@ __device__ __forceinline__ void accumulators_as_a(uint32_t (&a)[4], const float 
   a[3] = pack2<T>(right[2], right[3]);
 }
 
+// C[16 x N] += A[16 x D] B^T: A as the warp's fragments per 16-column step, B the rows [0, N) of a
+// shared tile (its rows are the columns of C).
+template <typename T, int D, int N>
+__device__ __forceinline__ void mma_rows_by_tile(float (&c)[N / 8][4], const uint32_t (&a)[D / 16][4],
+                                                 const uint16_t* tile, int lane) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt)
+      mma16816<T>(c[nt], a[kk], load_pair<D>(tile, nt * 8 + g, kk * 16 + 2 * t),
+                  load_pair<D>(tile, nt * 8 + g, kk * 16 + 8 + 2 * t));
+  }
+}
+
+// C[16 x D] += P[16 x N] B: P as float32 accumulators (rounded to T for the tensor cores), B the rows
+// [0, N) of a shared tile.
+template <typename T, int D, int N>
+__device__ __forceinline__ void mma_accumulators_by_tile(float (&c)[D / 8][4], const float (&p)[N / 8][4],
+                                                         const uint16_t* tile, int lane) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int j = 0; j < N / 16; ++j) {
+    uint32_t a[4];
+    accumulators_as_a<T>(a, p[2 * j], p[2 * j + 1]);
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt)
+      mma16816<T>(c[nt], a, load_column_pair<D>(tile, j * 16 + 2 * t, nt * 8 + g),
+                  load_column_pair<D>(tile, j * 16 + 8 + 2 * t, nt * 8 + g));
+  }
+}
+
 // Rows [first, first + ROWS) of one head (rows >= end zero-filled) into a padded shared tile,
 // through 16-byte loads, optionally rotated (in float32, then rounded to T like the reference's
 // 16-bit path). `positions`/`cos`/`sin` are null without rotary.
@@ -404,6 +436,18 @@ __device__ __forceinline__ void store_accumulators(T* row, const float (&acc)[D 
     *reinterpret_cast<uint32_t*>(row + nt * 8 + 2 * t) = pack2<T>(acc[nt][2 * h] * scale, acc[nt][2 * h + 1] * scale);
 }
 
+// The query and key rows of sequence `seq`.
+struct SequenceBounds {
+  int64_t q_begin, q_end, k_begin, k_end;
+};
+__device__ __forceinline__ SequenceBounds sequence_bounds(const AttentionParams& p, int64_t seq, int64_t nq,
+                                                          int64_t nk) {
+  SequenceBounds b;
+  sequence_rows(p.cu_seqlens_q, seq, nq, b.q_begin, b.q_end);
+  sequence_rows(p.cu_seqlens_k, seq, nk, b.k_begin, b.k_end);
+  return b;
+}
+
 // Thread 0 finds the block's tile; every thread reads it. False: past the last tile.
 __device__ __forceinline__ bool block_tile(const int32_t* cu, int64_t batch, int64_t total, int64_t rows_per_tile,
                                            int64_t& seq, int64_t& first_row) {
@@ -428,9 +472,7 @@ __global__ void __launch_bounds__(kMmaThreads) attention_forward_mma(AttentionFo
   if (!block_tile(p.cu_seqlens_q, p.batch, nq, kBlockM, seq, q_first)) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t head = blockIdx.y, kv_head = head / (p.num_q_heads / p.num_kv_heads);
-  int64_t q_begin, q_end, k_begin, k_end;
-  sequence_rows(p.cu_seqlens_q, seq, nq, q_begin, q_end);
-  sequence_rows(p.cu_seqlens_k, seq, nk, k_begin, k_end);
+  const auto [q_begin, q_end, k_begin, k_end] = sequence_bounds(p, seq, nq, nk);
   const RotaryParams& r = p.rotary;
 
   load_tile<T, D, kBlockM>(k_tile, static_cast<const T*>(p.q) + head * p.q_head_stride, p.q_row_stride, q_first,
@@ -452,13 +494,7 @@ __global__ void __launch_bounds__(kMmaThreads) attention_forward_mma(AttentionFo
     __syncthreads();
 
     float s[kBlockN / 8][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-      for (int nt = 0; nt < kBlockN / 8; ++nt)
-        mma16816<T>(s[nt], q_frag[kk], load_pair<D>(k_tile, nt * 8 + g, kk * 16 + 2 * t),
-                    load_pair<D>(k_tile, nt * 8 + g, kk * 16 + 8 + 2 * t));
-    }
+    mma_rows_by_tile<T, D, kBlockN>(s, q_frag, k_tile, lane);
     float row_max[2] = {m[0], m[1]};
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
@@ -491,15 +527,7 @@ __global__ void __launch_bounds__(kMmaThreads) attention_forward_mma(AttentionFo
     }
     l[0] += row_sum[0];
     l[1] += row_sum[1];
-#pragma unroll
-    for (int j = 0; j < kBlockN / 16; ++j) {
-      uint32_t p_frag[4];
-      accumulators_as_a<T>(p_frag, s[2 * j], s[2 * j + 1]);
-#pragma unroll
-      for (int nt = 0; nt < D / 8; ++nt)
-        mma16816<T>(o[nt], p_frag, load_column_pair<D>(v_tile, j * 16 + 2 * t, nt * 8 + g),
-                    load_column_pair<D>(v_tile, j * 16 + 8 + 2 * t, nt * 8 + g));
-    }
+    mma_accumulators_by_tile<T, D, kBlockN>(o, s, v_tile, lane);
     __syncthreads();  // before the next tile overwrites k_tile / v_tile
   }
 
@@ -528,9 +556,7 @@ __global__ void __launch_bounds__(kMmaThreads)
   if (!block_tile(p.cu_seqlens_q, p.batch, nq, kBlockM, seq, q_first)) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t head = blockIdx.y, kv_head = head / (p.num_q_heads / p.num_kv_heads);
-  int64_t q_begin, q_end, k_begin, k_end;
-  sequence_rows(p.cu_seqlens_q, seq, nq, q_begin, q_end);
-  sequence_rows(p.cu_seqlens_k, seq, nk, k_begin, k_end);
+  const auto [q_begin, q_end, k_begin, k_end] = sequence_bounds(p, seq, nq, nk);
   const RotaryParams& r = p.rotary;
 
   uint32_t q_frag[D / 16][4], go_frag[D / 16][4];
@@ -563,16 +589,8 @@ __global__ void __launch_bounds__(kMmaThreads)
                              k_end, nullptr, r);
     __syncthreads();
     float s[kBlockN / 8][4] = {}, dp[kBlockN / 8][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-      for (int nt = 0; nt < kBlockN / 8; ++nt) {
-        mma16816<T>(s[nt], q_frag[kk], load_pair<D>(k_tile, nt * 8 + g, kk * 16 + 2 * t),
-                    load_pair<D>(k_tile, nt * 8 + g, kk * 16 + 8 + 2 * t));
-        mma16816<T>(dp[nt], go_frag[kk], load_pair<D>(v_tile, nt * 8 + g, kk * 16 + 2 * t),
-                    load_pair<D>(v_tile, nt * 8 + g, kk * 16 + 8 + 2 * t));
-      }
-    }
+    mma_rows_by_tile<T, D, kBlockN>(s, q_frag, k_tile, lane);
+    mma_rows_by_tile<T, D, kBlockN>(dp, go_frag, v_tile, lane);
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
 #pragma unroll
@@ -582,15 +600,7 @@ __global__ void __launch_bounds__(kMmaThreads)
         s[nt][e] = prob * (dp[nt][e] - row_delta[e / 2]);  // dS
       }
     }
-#pragma unroll
-    for (int j = 0; j < kBlockN / 16; ++j) {
-      uint32_t ds_frag[4];
-      accumulators_as_a<T>(ds_frag, s[2 * j], s[2 * j + 1]);
-#pragma unroll
-      for (int nt = 0; nt < D / 8; ++nt)
-        mma16816<T>(dq[nt], ds_frag, load_column_pair<D>(k_tile, j * 16 + 2 * t, nt * 8 + g),
-                    load_column_pair<D>(k_tile, j * 16 + 8 + 2 * t, nt * 8 + g));
-    }
+    mma_accumulators_by_tile<T, D, kBlockN>(dq, s, k_tile, lane);
     __syncthreads();
   }
 
@@ -623,9 +633,7 @@ __global__ void __launch_bounds__(kMmaThreads)
   if (!block_tile(p.cu_seqlens_k, p.batch, nk, kBlockN, seq, k_first)) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t kv_head = blockIdx.y, group = p.num_q_heads / p.num_kv_heads;
-  int64_t q_begin, q_end, k_begin, k_end;
-  sequence_rows(p.cu_seqlens_q, seq, nq, q_begin, q_end);
-  sequence_rows(p.cu_seqlens_k, seq, nk, k_begin, k_end);
+  const auto [q_begin, q_end, k_begin, k_end] = sequence_bounds(p, seq, nq, nk);
   const RotaryParams& r = p.rotary;
 
   load_tile<T, D, kBlockN>(k_tile, static_cast<const T*>(p.k) + kv_head * p.k_head_stride, p.k_row_stride, k_first,
@@ -671,19 +679,8 @@ __global__ void __launch_bounds__(kMmaThreads)
           dp[nt][e] = prob * (dp[nt][e] - row_delta[query]);  // dS^T
         }
       }
-#pragma unroll
-      for (int j = 0; j < kBlockM / 16; ++j) {
-        uint32_t p_frag[4], ds_frag[4];
-        accumulators_as_a<T>(p_frag, s[2 * j], s[2 * j + 1]);
-        accumulators_as_a<T>(ds_frag, dp[2 * j], dp[2 * j + 1]);
-#pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt) {
-          mma16816<T>(dv[nt], p_frag, load_column_pair<D>(go_tile, j * 16 + 2 * t, nt * 8 + g),
-                      load_column_pair<D>(go_tile, j * 16 + 8 + 2 * t, nt * 8 + g));
-          mma16816<T>(dk[nt], ds_frag, load_column_pair<D>(q_tile, j * 16 + 2 * t, nt * 8 + g),
-                      load_column_pair<D>(q_tile, j * 16 + 8 + 2 * t, nt * 8 + g));
-        }
-      }
+      mma_accumulators_by_tile<T, D, kBlockM>(dv, s, go_tile, lane);
+      mma_accumulators_by_tile<T, D, kBlockM>(dk, dp, q_tile, lane);
       __syncthreads();  // before the next query tile overwrites the shared tiles
     }
   }
