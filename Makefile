@@ -6,7 +6,10 @@ TORCH_SPEC  ?= torch==2.14.1
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 
-# CUDA sources compile (not run) wherever nvcc exists, so CI catches CUDA build breaks.
+# CUDA sources compile (not run) wherever nvcc exists, so CI catches CUDA build breaks. Development
+# builds default to sm_90 only (fast); wheels to WHEEL_ARCHS unless TORCH_CUDA_ARCH_LIST is given.
+USER_ARCHS  := $(TORCH_CUDA_ARCH_LIST)
+WHEEL_ARCHS ?= 8.0;8.6;8.9;9.0+PTX
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 9.0
@@ -18,7 +21,7 @@ export PATH := /usr/lib/ccache:$(PATH)
 export PYTORCH_NVCC ?= ccache $(CUDA_HOME)/bin/nvcc
 endif
 
-.PHONY: install build test test-fast bench demo clean
+.PHONY: install build test test-fast bench demo wheel sdist clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +34,24 @@ $(STAMP): pyproject.toml setup.py
 
 install: $(STAMP)
 
-# incremental (ninja): only changed sources recompile
+# incremental (ninja): only changed sources recompile. (A _C.cpython-*.so left by builds before the
+# stable-ABI _C.abi3.so would shadow it on import.)
 build: $(STAMP)
+	rm -f sharedllm_ops/_C.cpython-*.so
 	$(PY) setup.py --quiet build_ext --inplace
+
+# dist/sharedllm_ops-<version>+cuXYZ-cp310-abi3-linux_x86_64.whl for the local CUDA (+cpu without
+# CUDA, or with SHAREDLLM_OPS_CPU_ONLY=1): one wheel for torch >= 2.10 and CPython >= 3.10
+wheel: $(STAMP)
+	rm -f sharedllm_ops/_C.cpython-*.so dist/*.whl
+	TORCH_CUDA_ARCH_LIST="$(or $(USER_ARCHS),$(WHEEL_ARCHS))" \
+	  $(PY) -m pip wheel --quiet --no-build-isolation --no-deps --wheel-dir dist .
+	@ls dist/*.whl
+
+# dist/sharedllm_ops-<version>.tar.gz: the sources; installing it compiles against the torch present
+sdist: $(STAMP)
+	SHAREDLLM_OPS_SKIP_EXT=1 $(PY) setup.py --quiet sdist --dist-dir dist
+	@ls dist/*.tar.gz
 
 test: build
 	$(PY) -m pytest tests
@@ -45,4 +63,4 @@ demo: build
 	$(VENV)/bin/sharedllm-ops demo
 
 clean:
-	rm -rf build sharedllm_ops/*.so .pytest_cache .benchmarks
+	rm -rf build dist sharedllm_ops/*.so sharedllm_ops/_build_meta.json .pytest_cache .benchmarks

@@ -1,10 +1,8 @@
 // The binding of cross_inject_attention shared by its CPU and CUDA implementations: argument checks
-// (every failure raises a ValueError naming the argument), output allocation and kernel parameters.
+// (every failure names the argument), output allocation and kernel parameters.
 // Each backend passes its launcher; `read_values = false` skips the checks that read index values
 // on the host (the CUDA binding while a graph is captured).
 #pragma once
-
-#include <ATen/ATen.h>
 
 #include <optional>
 #include <tuple>
@@ -17,16 +15,16 @@ namespace sharedllm::binding {
 // Validated views of the arguments common to forward and backward.
 struct AttentionInputs {
   int64_t batch, hq, hk, d, dv, nq, nk;
-  at::Tensor cu_q, cu_k;              // contiguous int32
-  at::Tensor q_pos, k_pos, cos, sin;  // contiguous; undefined without rotary
+  Tensor cu_q, cu_k;              // contiguous int32
+  Tensor q_pos, k_pos, cos, sin;  // contiguous; undefined without rotary
 };
 
-inline AttentionInputs check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                       const std::optional<at::Tensor>& q_positions,
-                                       const std::optional<at::Tensor>& k_positions,
-                                       const std::optional<at::Tensor>& rotary_cos,
-                                       const std::optional<at::Tensor>& rotary_sin, bool read_values = true) {
+inline AttentionInputs check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
+                                       const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                       const std::optional<Tensor>& q_positions,
+                                       const std::optional<Tensor>& k_positions,
+                                       const std::optional<Tensor>& rotary_cos,
+                                       const std::optional<Tensor>& rotary_sin, bool read_values = true) {
   check_rank(q, 3, "q", "[Nq, Hq, D]");
   check_rank(k, 3, "k", "[Nk, Hk, D]");
   check_rank(v, 3, "v", "[Nk, Hk, Dv]");
@@ -43,35 +41,35 @@ inline AttentionInputs check_attention_inputs(const at::Tensor& q, const at::Ten
   AttentionInputs in;
   in.nq = q.size(0), in.hq = q.size(1), in.d = q.size(2);
   in.nk = k.size(0), in.hk = k.size(1), in.dv = v.size(2);
-  TORCH_CHECK_VALUE(in.d >= 1 && in.dv >= 1, "head dims must be >= 1, got q.shape[2] = ", in.d, " and v.shape[2] = ",
+  SHAREDLLM_CHECK(in.d >= 1 && in.dv >= 1, "head dims must be >= 1, got q.shape[2] = ", in.d, " and v.shape[2] = ",
                     in.dv);
-  TORCH_CHECK_VALUE(k.size(2) == in.d, "k.shape[2] must equal q.shape[2] = ", in.d, ", got ", k.size(2));
-  TORCH_CHECK_VALUE(v.size(0) == in.nk && v.size(1) == in.hk, "v.shape[:2] must equal k.shape[:2] = [", in.nk, ", ",
-                    in.hk, "], got ", v.sizes());
-  TORCH_CHECK_VALUE(in.hk >= 1 && in.hq % in.hk == 0, "the number of query heads (q.shape[1] = ", in.hq,
+  SHAREDLLM_CHECK(k.size(2) == in.d, "k.shape[2] must equal q.shape[2] = ", in.d, ", got ", k.size(2));
+  SHAREDLLM_CHECK(v.size(0) == in.nk && v.size(1) == in.hk, "v.shape[:2] must equal k.shape[:2] = [", in.nk, ", ",
+                    in.hk, "], got ", shape_of(v));
+  SHAREDLLM_CHECK(in.hk >= 1 && in.hq % in.hk == 0, "the number of query heads (q.shape[1] = ", in.hq,
                     ") must be a multiple of the number of kv heads (k.shape[1] = ", in.hk, ")");
   check_cu_seqlens(cu_seqlens_q, in.nq, "cu_seqlens_q", "q.shape[0]", read_values);
   check_cu_seqlens(cu_seqlens_k, in.nk, "cu_seqlens_k", "k.shape[0]", read_values);
-  TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), "cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got ",
+  SHAREDLLM_CHECK(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), "cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got ",
                     cu_seqlens_q.size(0) - 1, " and ", cu_seqlens_k.size(0) - 1);
   in.batch = cu_seqlens_q.size(0) - 1;
-  in.cu_q = cu_seqlens_q.contiguous();
-  in.cu_k = cu_seqlens_k.contiguous();
+  in.cu_q = as_contiguous(cu_seqlens_q);
+  in.cu_k = as_contiguous(cu_seqlens_k);
   const bool any_rotary = rotary_cos.has_value() || rotary_sin.has_value() || q_positions.has_value() ||
                           k_positions.has_value();
   if (any_rotary) {
-    TORCH_CHECK_VALUE(rotary_cos.has_value() && rotary_sin.has_value() && q_positions.has_value() &&
+    SHAREDLLM_CHECK(rotary_cos.has_value() && rotary_sin.has_value() && q_positions.has_value() &&
                           k_positions.has_value(),
                       "the fused rotary needs all of rotary_cos, rotary_sin, q_positions and k_positions");
-    TORCH_CHECK_VALUE(in.d % 2 == 0, "the fused rotary needs an even head dim, got q.shape[2] = ", in.d);
-    const at::Tensor& cos = *rotary_cos;
-    const at::Tensor& sin = *rotary_sin;
+    SHAREDLLM_CHECK(in.d % 2 == 0, "the fused rotary needs an even head dim, got q.shape[2] = ", in.d);
+    const Tensor& cos = *rotary_cos;
+    const Tensor& sin = *rotary_sin;
     check_rank(cos, 2, "rotary_cos", "[max_pos, D]");
-    TORCH_CHECK_VALUE(cos.size(1) == in.d, "rotary_cos.shape[1] must equal the head dim ", in.d, ", got ",
+    SHAREDLLM_CHECK(cos.size(1) == in.d, "rotary_cos.shape[1] must equal the head dim ", in.d, ", got ",
                       cos.size(1));
-    TORCH_CHECK_VALUE(sin.sizes() == cos.sizes(), "rotary_sin must have the shape of rotary_cos ", cos.sizes(),
-                      ", got ", sin.sizes());
-    TORCH_CHECK_VALUE(at::isFloatingType(cos.scalar_type()) && at::isFloatingType(sin.scalar_type()),
+    SHAREDLLM_CHECK(same_shape(sin, cos), "rotary_sin must have the shape of rotary_cos ", shape_of(cos),
+                      ", got ", shape_of(sin));
+    SHAREDLLM_CHECK(is_float_type(cos.scalar_type()) && is_float_type(sin.scalar_type()),
                       "rotary_cos and rotary_sin must be floating point");
     check_same_device(cos, q, "rotary_cos", "q");
     check_same_device(sin, q, "rotary_sin", "q");
@@ -79,31 +77,31 @@ inline AttentionInputs check_attention_inputs(const at::Tensor& q, const at::Ten
     check_same_device(*k_positions, q, "k_positions", "q");
     check_positions(*q_positions, in.nq, cos.size(0), "q_positions", read_values);
     check_positions(*k_positions, in.nk, cos.size(0), "k_positions", read_values);
-    in.q_pos = q_positions->contiguous();
-    in.k_pos = k_positions->contiguous();
-    in.cos = cos.to(at::kFloat).contiguous();
-    in.sin = sin.to(at::kFloat).contiguous();
+    in.q_pos = as_contiguous(*q_positions);
+    in.k_pos = as_contiguous(*k_positions);
+    in.cos = as_contiguous(to_dtype(cos, ScalarType::Float));
+    in.sin = as_contiguous(to_dtype(sin, ScalarType::Float));
   }
   return in;
 }
 
-inline void fill_params(AttentionParams& p, const AttentionInputs& in, const at::Tensor& q, const at::Tensor& k,
-                 const at::Tensor& v, double softmax_scale) {
+inline void fill_params(AttentionParams& p, const AttentionInputs& in, const Tensor& q, const Tensor& k,
+                 const Tensor& v, double softmax_scale) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  p.cu_seqlens_q = in.cu_q.data_ptr<int32_t>();
-  p.cu_seqlens_k = in.cu_k.data_ptr<int32_t>();
+  p.cu_seqlens_q = ptr<int32_t>(in.cu_q);
+  p.cu_seqlens_k = ptr<int32_t>(in.cu_k);
   p.batch = in.batch, p.num_q_heads = in.hq, p.num_kv_heads = in.hk, p.head_dim = in.d, p.v_dim = in.dv;
   p.q_row_stride = q.stride(0), p.q_head_stride = q.stride(1);
   p.k_row_stride = k.stride(0), p.k_head_stride = k.stride(1);
   p.v_row_stride = v.stride(0), p.v_head_stride = v.stride(1);
   p.softmax_scale = static_cast<float>(softmax_scale);
   if (in.cos.defined()) {
-    p.rotary.q_positions = in.q_pos.data_ptr<int32_t>();
-    p.rotary.k_positions = in.k_pos.data_ptr<int32_t>();
-    p.rotary.cos = in.cos.data_ptr<float>();
-    p.rotary.sin = in.sin.data_ptr<float>();
+    p.rotary.q_positions = ptr<int32_t>(in.q_pos);
+    p.rotary.k_positions = ptr<int32_t>(in.k_pos);
+    p.rotary.cos = ptr<float>(in.cos);
+    p.rotary.sin = ptr<float>(in.sin);
     p.rotary.max_pos = in.cos.size(0);
   }
 }
@@ -111,78 +109,78 @@ inline void fill_params(AttentionParams& p, const AttentionInputs& in, const at:
 
 // The backward's extra arguments: grad_out/out [Nq, Hq, Dv] of q's dtype, lse float32 [Nq, Hq] and
 // grad_lse of lse's shape. Returns grad_lse as contiguous float32 (undefined when absent).
-inline at::Tensor check_attention_backward_inputs(const AttentionInputs& in, const at::Tensor& grad_out,
-                                                  const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
-                                                  const at::Tensor& out, const at::Tensor& lse) {
-  TORCH_CHECK_VALUE(grad_out.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({in.nq, in.hq, in.dv}),
+inline Tensor check_attention_backward_inputs(const AttentionInputs& in, const Tensor& grad_out,
+                                                  const std::optional<Tensor>& grad_lse, const Tensor& q,
+                                                  const Tensor& out, const Tensor& lse) {
+  SHAREDLLM_CHECK(same_shape(grad_out, out) && has_shape(out, {in.nq, in.hq, in.dv}),
                     "grad_out and out must have shape [Nq, Hq, Dv] = [", in.nq, ", ", in.hq, ", ", in.dv, "], got ",
-                    grad_out.sizes(), " and ", out.sizes());
+                    shape_of(grad_out), " and ", shape_of(out));
   check_same_dtype(grad_out, q, "grad_out", "q");
   check_same_dtype(out, q, "out", "q");
   check_same_device(grad_out, q, "grad_out", "q");
   check_same_device(out, q, "out", "q");
   check_same_device(lse, q, "lse", "q");
   if (grad_lse.has_value()) check_same_device(*grad_lse, q, "grad_lse", "q");
-  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({in.nq, in.hq}),
-                    "lse must be float32 [Nq, Hq], got ", lse.scalar_type(), " ", lse.sizes());
-  at::Tensor grad_lse_f;
+  SHAREDLLM_CHECK(lse.scalar_type() == ScalarType::Float && has_shape(lse, {in.nq, in.hq}),
+                    "lse must be float32 [Nq, Hq], got ", lse.scalar_type(), " ", shape_of(lse));
+  Tensor grad_lse_f;
   if (grad_lse.has_value()) {
-    TORCH_CHECK_VALUE(grad_lse->sizes() == lse.sizes(), "grad_lse must have the shape of lse ", lse.sizes(),
-                      ", got ", grad_lse->sizes());
-    grad_lse_f = grad_lse->to(at::kFloat).contiguous();
+    SHAREDLLM_CHECK(same_shape(*grad_lse, lse), "grad_lse must have the shape of lse ", shape_of(lse),
+                      ", got ", shape_of(*grad_lse));
+    grad_lse_f = as_contiguous(to_dtype(*grad_lse, ScalarType::Float));
   }
   return grad_lse_f;
 }
 
 // Forward: `launch(KernelTag<T>{}, const AttentionForwardParams&)` runs the kernel.
 template <typename Launch>
-std::tuple<at::Tensor, at::Tensor> run_attention_forward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, double softmax_scale, const std::optional<at::Tensor>& q_positions,
-    const std::optional<at::Tensor>& k_positions, const std::optional<at::Tensor>& rotary_cos,
-    const std::optional<at::Tensor>& rotary_sin, bool read_values, Launch&& launch) {
+std::tuple<Tensor, Tensor> run_attention_forward(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
+    const Tensor& cu_seqlens_k, double softmax_scale, const std::optional<Tensor>& q_positions,
+    const std::optional<Tensor>& k_positions, const std::optional<Tensor>& rotary_cos,
+    const std::optional<Tensor>& rotary_sin, bool read_values, Launch&& launch) {
   const AttentionInputs in = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions,
                                                     rotary_cos, rotary_sin, read_values);
-  at::Tensor out = at::empty({in.nq, in.hq, in.dv}, q.options());
-  at::Tensor lse = at::empty({in.nq, in.hq}, q.options().dtype(at::kFloat));
+  Tensor out = new_tensor_like(q, {in.nq, in.hq, in.dv});
+  Tensor lse = new_tensor({in.nq, in.hq}, ScalarType::Float, q);
   if (in.nq == 0 || in.hq == 0) return {out, lse};
-  SHAREDLLM_DISPATCH_FLOATING(q.scalar_type(), "cross_inject_attention", [&] {
+  dispatch_floating(q.scalar_type(), "cross_inject_attention", [&](auto tag) {
     AttentionForwardParams p;
     fill_params(p, in, q, k, v, softmax_scale);
     p.out = out.data_ptr();
-    p.lse = lse.data_ptr<float>();
-    launch(KernelTag<typename KernelType<scalar_t>::type>{}, p);
+    p.lse = ptr<float>(lse);
+    launch(tag, p);
   });
   return {out, lse};
 }
 
 // Backward: `launch(KernelTag<T>{}, const AttentionBackwardParams&)` runs the kernels.
 template <typename Launch>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_attention_backward(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, double softmax_scale, const std::optional<at::Tensor>& q_positions,
-    const std::optional<at::Tensor>& k_positions, const std::optional<at::Tensor>& rotary_cos,
-    const std::optional<at::Tensor>& rotary_sin, bool read_values, Launch&& launch) {
+std::tuple<Tensor, Tensor, Tensor> run_attention_backward(
+    const Tensor& grad_out, const std::optional<Tensor>& grad_lse, const Tensor& q, const Tensor& k,
+    const Tensor& v, const Tensor& out, const Tensor& lse, const Tensor& cu_seqlens_q,
+    const Tensor& cu_seqlens_k, double softmax_scale, const std::optional<Tensor>& q_positions,
+    const std::optional<Tensor>& k_positions, const std::optional<Tensor>& rotary_cos,
+    const std::optional<Tensor>& rotary_sin, bool read_values, Launch&& launch) {
   const AttentionInputs in = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions,
                                                     rotary_cos, rotary_sin, read_values);
-  const at::Tensor grad_lse_f = check_attention_backward_inputs(in, grad_out, grad_lse, q, out, lse);
-  at::Tensor dq = at::empty({in.nq, in.hq, in.d}, q.options());
-  at::Tensor dk = at::empty({in.nk, in.hk, in.d}, q.options());
-  at::Tensor dv = at::empty({in.nk, in.hk, in.dv}, q.options());
+  const Tensor grad_lse_f = check_attention_backward_inputs(in, grad_out, grad_lse, q, out, lse);
+  Tensor dq = new_tensor_like(q, {in.nq, in.hq, in.d});
+  Tensor dk = new_tensor_like(q, {in.nk, in.hk, in.d});
+  Tensor dv = new_tensor_like(q, {in.nk, in.hk, in.dv});
   if (dq.numel() + dk.numel() + dv.numel() == 0) return {dq, dk, dv};
-  const at::Tensor go = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
-  SHAREDLLM_DISPATCH_FLOATING(q.scalar_type(), "cross_inject_attention_backward", [&] {
+  const Tensor go = as_contiguous(grad_out), o = as_contiguous(out), l = as_contiguous(lse);
+  dispatch_floating(q.scalar_type(), "cross_inject_attention_backward", [&](auto tag) {
     AttentionBackwardParams p;
     fill_params(p, in, q, k, v, softmax_scale);
     p.grad_out = go.data_ptr();
     p.out = o.data_ptr();
-    p.lse = l.data_ptr<float>();
-    p.grad_lse = grad_lse_f.defined() ? grad_lse_f.data_ptr<float>() : nullptr;
+    p.lse = ptr<float>(l);
+    p.grad_lse = grad_lse_f.defined() ? ptr<float>(grad_lse_f) : nullptr;
     p.grad_q = dq.data_ptr();
     p.grad_k = dk.data_ptr();
     p.grad_v = dv.data_ptr();
-    launch(KernelTag<typename KernelType<scalar_t>::type>{}, p);
+    launch(tag, p);
   });
   return {dq, dk, dv};
 }

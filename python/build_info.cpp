@@ -1,5 +1,5 @@
 // torch.ops.sharedllm.build_info(): what this binary was compiled with, as "key=value" lines.
-#include <ATen/ATen.h>
+#include "torch_api.h"
 
 #include <sstream>
 

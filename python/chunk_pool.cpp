@@ -4,16 +4,16 @@
 
 namespace sharedllm::binding {
 
-at::Tensor chunk_pool_cpu(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t tokens_per_node,
-                          c10::string_view mode) {
+Tensor chunk_pool_cpu(const Tensor& x, const Tensor& cu_seqlens, int64_t tokens_per_node,
+                          const std::string& mode) {
   return run_chunk_pool(x, cu_seqlens, tokens_per_node, mode, /*read_values=*/true,
                         [](auto tag, const ChunkPoolParams& p) {
                           cpu::chunk_pool_forward<typename decltype(tag)::type>(p);
                         });
 }
 
-at::Tensor chunk_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& cu_seqlens, int64_t num_rows,
-                                   int64_t tokens_per_node, c10::string_view mode) {
+Tensor chunk_pool_backward_cpu(const Tensor& grad_out, const Tensor& cu_seqlens, int64_t num_rows,
+                                   int64_t tokens_per_node, const std::string& mode) {
   return run_chunk_pool_backward(grad_out, cu_seqlens, num_rows, tokens_per_node, mode, /*read_values=*/true,
                                  [](auto tag, const ChunkPoolBackwardParams& p) {
                                    cpu::chunk_pool_backward<typename decltype(tag)::type>(p);

@@ -4,49 +4,47 @@
 // that reads cu_seqlens on the host (the CUDA binding while a graph is captured).
 #pragma once
 
-#include <ATen/ATen.h>
-
 #include "checks.h"
 #include "sharedllm/chunk_pool.h"
 
 namespace sharedllm::binding {
 
 template <typename Launch>
-at::Tensor run_chunk_pool(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t tokens_per_node,
-                          c10::string_view mode, bool read_values, Launch&& launch) {
+Tensor run_chunk_pool(const Tensor& x, const Tensor& cu_seqlens, int64_t tokens_per_node,
+                          const std::string& mode, bool read_values, Launch&& launch) {
   check_chunk_pool_args(x, cu_seqlens, tokens_per_node, "x");
   check_cu_seqlens(cu_seqlens, x.size(0), "cu_seqlens", "x.shape[0]", read_values);
   const PoolMode pool_mode = parse_pool_mode(mode);
   const int64_t S = cu_seqlens.size(0) - 1;
-  at::Tensor out = at::empty({S * tokens_per_node, x.size(1), x.size(2)}, x.options());
+  Tensor out = new_tensor_like(x, {S * tokens_per_node, x.size(1), x.size(2)});
   if (out.numel() == 0) return out;
-  const at::Tensor cu = cu_seqlens.contiguous();
-  SHAREDLLM_DISPATCH_FLOATING(x.scalar_type(), "chunk_pool", [&] {
-    ChunkPoolParams p{x.data_ptr(), out.data_ptr(), cu.data_ptr<int32_t>(), S, tokens_per_node, x.size(1), x.size(2),
+  const Tensor cu = as_contiguous(cu_seqlens);
+  dispatch_floating(x.scalar_type(), "chunk_pool", [&](auto tag) {
+    ChunkPoolParams p{x.data_ptr(), out.data_ptr(), ptr<int32_t>(cu), S, tokens_per_node, x.size(1), x.size(2),
                       x.stride(0), x.stride(1), out.stride(0), out.stride(1), pool_mode};
-    launch(KernelTag<typename KernelType<scalar_t>::type>{}, p);
+    launch(tag, p);
   });
   return out;
 }
 
 template <typename Launch>
-at::Tensor run_chunk_pool_backward(const at::Tensor& grad_out, const at::Tensor& cu_seqlens, int64_t num_rows,
-                                   int64_t tokens_per_node, c10::string_view mode, bool read_values, Launch&& launch) {
+Tensor run_chunk_pool_backward(const Tensor& grad_out, const Tensor& cu_seqlens, int64_t num_rows,
+                                   int64_t tokens_per_node, const std::string& mode, bool read_values, Launch&& launch) {
   check_chunk_pool_args(grad_out, cu_seqlens, tokens_per_node, "grad_out");
-  TORCH_CHECK_VALUE(num_rows >= 0, "num_rows must be >= 0, got ", num_rows);
+  SHAREDLLM_CHECK(num_rows >= 0, "num_rows must be >= 0, got ", num_rows);
   check_cu_seqlens(cu_seqlens, num_rows, "cu_seqlens", "num_rows", read_values);
   const PoolMode pool_mode = parse_pool_mode(mode);
   const int64_t S = cu_seqlens.size(0) - 1;
-  TORCH_CHECK_VALUE(grad_out.size(0) == S * tokens_per_node, "grad_out must have ", S * tokens_per_node,
+  SHAREDLLM_CHECK(grad_out.size(0) == S * tokens_per_node, "grad_out must have ", S * tokens_per_node,
                     " rows (segments x tokens_per_node), got ", grad_out.size(0));
-  at::Tensor grad_x = at::empty({num_rows, grad_out.size(1), grad_out.size(2)}, grad_out.options());
+  Tensor grad_x = new_tensor_like(grad_out, {num_rows, grad_out.size(1), grad_out.size(2)});
   if (grad_x.numel() == 0) return grad_x;
-  const at::Tensor cu = cu_seqlens.contiguous();
-  SHAREDLLM_DISPATCH_FLOATING(grad_out.scalar_type(), "chunk_pool_backward", [&] {
-    ChunkPoolBackwardParams p{grad_out.data_ptr(), grad_x.data_ptr(), cu.data_ptr<int32_t>(), S, tokens_per_node,
+  const Tensor cu = as_contiguous(cu_seqlens);
+  dispatch_floating(grad_out.scalar_type(), "chunk_pool_backward", [&](auto tag) {
+    ChunkPoolBackwardParams p{grad_out.data_ptr(), grad_x.data_ptr(), ptr<int32_t>(cu), S, tokens_per_node,
                               grad_out.size(1), grad_out.size(2), grad_out.stride(0), grad_out.stride(1),
                               grad_x.stride(0), grad_x.stride(1), pool_mode};
-    launch(KernelTag<typename KernelType<scalar_t>::type>{}, p);
+    launch(tag, p);
   });
   return grad_x;
 }

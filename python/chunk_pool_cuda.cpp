@@ -6,20 +6,20 @@
 
 namespace sharedllm::binding {
 
-at::Tensor chunk_pool_cuda(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t tokens_per_node,
-                           c10::string_view mode) {
-  const c10::cuda::CUDAGuard guard(x.device());
+Tensor chunk_pool_cuda(const Tensor& x, const Tensor& cu_seqlens, int64_t tokens_per_node,
+                           const std::string& mode) {
+  const DeviceGuard guard = device_guard(x);
   const int64_t num_rows = x.size(0);
-  return run_chunk_pool(x, cu_seqlens, tokens_per_node, mode, !capturing_graph(),
+  return run_chunk_pool(x, cu_seqlens, tokens_per_node, mode, !capturing_graph(x),
                         [&](auto tag, const ChunkPoolParams& p) {
                           cuda::chunk_pool_forward<typename decltype(tag)::type>(p, num_rows, current_stream(x));
                         });
 }
 
-at::Tensor chunk_pool_backward_cuda(const at::Tensor& grad_out, const at::Tensor& cu_seqlens, int64_t num_rows,
-                                    int64_t tokens_per_node, c10::string_view mode) {
-  const c10::cuda::CUDAGuard guard(grad_out.device());
-  return run_chunk_pool_backward(grad_out, cu_seqlens, num_rows, tokens_per_node, mode, !capturing_graph(),
+Tensor chunk_pool_backward_cuda(const Tensor& grad_out, const Tensor& cu_seqlens, int64_t num_rows,
+                                    int64_t tokens_per_node, const std::string& mode) {
+  const DeviceGuard guard = device_guard(grad_out);
+  return run_chunk_pool_backward(grad_out, cu_seqlens, num_rows, tokens_per_node, mode, !capturing_graph(grad_out),
                                  [&](auto tag, const ChunkPoolBackwardParams& p) {
                                    cuda::chunk_pool_backward<typename decltype(tag)::type>(p, num_rows,
                                                                                           current_stream(grad_out));

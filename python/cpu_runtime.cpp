@@ -1,15 +1,14 @@
-// The host services of csrc/include/sharedllm/cpu_runtime.h, implemented with ATen: torch's
+// The host services of csrc/include/sharedllm/cpu_runtime.h, through torch's stable ABI: torch's
 // intra-op thread pool (so torch.set_num_threads applies) and the BLAS torch links.
 #include "sharedllm/cpu_runtime.h"
-
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <cstdlib>
 #include <cstring>
 
+#include "torch_api.h"
+
 // torch's x86 wheels link MKL statically and export its Fortran BLAS symbol; where it is absent
-// (other builds) the weak reference is null and we fall back to at::mm_out on wrapped buffers.
+// (other builds) the weak reference is null and we fall back to torch's matmul on wrapped buffers.
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
@@ -32,7 +31,7 @@ bool use_blas_symbol() {
 }  // namespace
 
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
-  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+  torch::stable::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
     if (MKL_Set_Num_Threads_Local == nullptr) return fn(b, e);
     const int previous = MKL_Set_Num_Threads_Local(1);
     fn(b, e);
@@ -40,7 +39,7 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function
   });
 }
 
-int64_t num_threads() { return at::get_num_threads(); }
+int64_t num_threads() { return static_cast<int64_t>(torch::stable::get_num_threads()); }
 
 void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
               const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
@@ -53,13 +52,22 @@ void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float
     sgemm_(&ta, &tb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
     return;
   }
-  const auto opts = at::TensorOptions().dtype(at::kFloat);
-  const at::Tensor A = trans_a ? at::from_blob(const_cast<float*>(a), {k, m}, {lda, 1}, opts).t()
-                               : at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, opts);
-  const at::Tensor B = trans_b ? at::from_blob(const_cast<float*>(b), {n, k}, {ldb, 1}, opts).t()
-                               : at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, opts);
-  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-  at::addmm_out(C, C, A, B, beta, alpha);
+  // C = alpha * op(A) op(B) + beta * C, with the product from torch's matmul on the wrapped buffers
+  using binding::Tensor;
+  const binding::Device cpu(torch::headeronly::DeviceType::CPU);
+  const auto wrap = [&](const float* data, bool trans, int64_t rows, int64_t cols, int64_t ld) {
+    // op(X)[rows, cols] of a row-major X with row stride ld
+    const int64_t sizes[2] = {rows, cols};
+    const int64_t strides[2] = {trans ? 1 : ld, trans ? ld : 1};
+    return torch::stable::from_blob(const_cast<float*>(data), {sizes, 2}, {strides, 2}, cpu,
+                                    torch::headeronly::ScalarType::Float);
+  };
+  const Tensor product = binding::as_contiguous(
+      torch::stable::matmul(wrap(a, trans_a, m, k, lda), wrap(b, trans_b, k, n, ldb)));
+  const float* p = binding::ptr<float>(product);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j)
+      c[i * ldc + j] = alpha * p[i * n + j] + (beta == 0.f ? 0.f : beta * c[i * ldc + j]);
 }
 
 }  // namespace sharedllm::cpu

@@ -8,8 +8,8 @@
 namespace sharedllm::binding {
 namespace {
 
-void check_cuda_head_dims(const at::Tensor& q, const at::Tensor& v) {
-  TORCH_CHECK_VALUE(q.size(2) + v.size(2) <= cuda::kMaxHeadDims,
+void check_cuda_head_dims(const Tensor& q, const Tensor& v) {
+  SHAREDLLM_CHECK(q.size(2) + v.size(2) <= cuda::kMaxHeadDims,
                     "the CUDA cross_inject_attention takes head dims with q.shape[2] + v.shape[2] <= ",
                     cuda::kMaxHeadDims, ", got ", q.size(2), " + ", v.size(2),
                     "; use backend='triton' or backend='reference'");
@@ -17,37 +17,37 @@ void check_cuda_head_dims(const at::Tensor& q, const at::Tensor& v) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> cross_inject_attention_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, double softmax_scale, const std::optional<at::Tensor>& q_positions,
-    const std::optional<at::Tensor>& k_positions, const std::optional<at::Tensor>& rotary_cos,
-    const std::optional<at::Tensor>& rotary_sin) {
-  const c10::cuda::CUDAGuard guard(q.device());
+std::tuple<Tensor, Tensor> cross_inject_attention_cuda(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
+    const Tensor& cu_seqlens_k, double softmax_scale, const std::optional<Tensor>& q_positions,
+    const std::optional<Tensor>& k_positions, const std::optional<Tensor>& rotary_cos,
+    const std::optional<Tensor>& rotary_sin) {
+  const DeviceGuard guard = device_guard(q);
   check_cuda_head_dims(q, v);
   const int64_t nq = q.size(0), nk = k.size(0);
   return run_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, q_positions, k_positions,
-                               rotary_cos, rotary_sin, !capturing_graph(),
+                               rotary_cos, rotary_sin, !capturing_graph(q),
                                [&](auto tag, const AttentionForwardParams& p) {
                                  cuda::cross_inject_attention_forward<typename decltype(tag)::type>(
                                      p, nq, nk, current_stream(q));
                                });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_inject_attention_backward_cuda(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, double softmax_scale, const std::optional<at::Tensor>& q_positions,
-    const std::optional<at::Tensor>& k_positions, const std::optional<at::Tensor>& rotary_cos,
-    const std::optional<at::Tensor>& rotary_sin) {
-  const c10::cuda::CUDAGuard guard(q.device());
+std::tuple<Tensor, Tensor, Tensor> cross_inject_attention_backward_cuda(
+    const Tensor& grad_out, const std::optional<Tensor>& grad_lse, const Tensor& q, const Tensor& k,
+    const Tensor& v, const Tensor& out, const Tensor& lse, const Tensor& cu_seqlens_q,
+    const Tensor& cu_seqlens_k, double softmax_scale, const std::optional<Tensor>& q_positions,
+    const std::optional<Tensor>& k_positions, const std::optional<Tensor>& rotary_cos,
+    const std::optional<Tensor>& rotary_sin) {
+  const DeviceGuard guard = device_guard(q);
   check_cuda_head_dims(q, v);
   const int64_t nq = q.size(0), nk = k.size(0);
-  at::Tensor delta;  // float32 [Nq, Hq] scratch
+  Tensor delta;  // float32 [Nq, Hq] scratch
   return run_attention_backward(
       grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, q_positions, k_positions,
-      rotary_cos, rotary_sin, !capturing_graph(), [&](auto tag, const AttentionBackwardParams& p) {
-        delta = at::empty({nq, q.size(1)}, q.options().dtype(at::kFloat));
-        cuda::cross_inject_attention_backward<typename decltype(tag)::type>(p, nq, nk, delta.data_ptr<float>(),
+      rotary_cos, rotary_sin, !capturing_graph(q), [&](auto tag, const AttentionBackwardParams& p) {
+        delta = new_tensor({nq, q.size(1)}, ScalarType::Float, q);
+        cuda::cross_inject_attention_backward<typename decltype(tag)::type>(p, nq, nk, ptr<float>(delta),
                                                                              current_stream(q));
       });
 }

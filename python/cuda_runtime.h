@@ -1,21 +1,32 @@
-// What the CUDA bindings share: the device guard and current stream of the data, and whether the
-// stream is being captured into a CUDA graph (then nothing may read device memory on the host,
-// so value checks such as cu_seqlens ordering are skipped; the kernels clamp their indices).
+// What the CUDA bindings share, through the stable ABI: a device guard for the data's device, the
+// current stream, and whether that stream is being captured into a CUDA graph (then nothing may
+// read device memory on the host, so value checks such as cu_seqlens ordering are skipped; the
+// kernels clamp their indices).
 #pragma once
 
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+
+#include "torch_api.h"
 
 namespace sharedllm::binding {
 
-inline void* current_stream(const at::Tensor& t) {
-  return static_cast<void*>(c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
+using DeviceGuard = torch::stable::accelerator::DeviceGuard;
+
+inline DeviceGuard device_guard(const Tensor& t) { return DeviceGuard(t.get_device_index()); }
+
+inline void* current_stream(const Tensor& t) {
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
+  return stream;
 }
 
-inline bool capturing_graph() {
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+inline bool capturing_graph(const Tensor& t) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t err = cudaStreamIsCapturing(static_cast<cudaStream_t>(current_stream(t)), &status);
+  if (err != cudaSuccess) throw std::runtime_error(std::string("cudaStreamIsCapturing: ") + cudaGetErrorString(err));
+  return status != cudaStreamCaptureStatusNone;
 }
 
 }  // namespace sharedllm::binding

@@ -3,7 +3,7 @@
 // torch-free kernel in csrc/.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "torch_api.h"
 
 #include <optional>
 #include <string>
@@ -11,45 +11,45 @@
 
 namespace sharedllm::binding {
 
-at::Tensor chunk_pool_cpu(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t tokens_per_node,
-                          c10::string_view mode);
-at::Tensor chunk_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& cu_seqlens, int64_t num_rows,
-                                   int64_t tokens_per_node, c10::string_view mode);
+Tensor chunk_pool_cpu(const Tensor& x, const Tensor& cu_seqlens, int64_t tokens_per_node,
+                          const std::string& mode);
+Tensor chunk_pool_backward_cpu(const Tensor& grad_out, const Tensor& cu_seqlens, int64_t num_rows,
+                                   int64_t tokens_per_node, const std::string& mode);
 
-std::tuple<at::Tensor, at::Tensor> tree_topk_cpu(const at::Tensor& query, const at::Tensor& node_emb, int64_t depth,
-                                                 int64_t k, int64_t branching, c10::string_view score);
+std::tuple<Tensor, Tensor> tree_topk_cpu(const Tensor& query, const Tensor& node_emb, int64_t depth,
+                                                 int64_t k, int64_t branching, const std::string& score);
 
-std::tuple<at::Tensor, at::Tensor> cross_inject_attention_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, double softmax_scale, const std::optional<at::Tensor>& q_positions,
-    const std::optional<at::Tensor>& k_positions, const std::optional<at::Tensor>& rotary_cos,
-    const std::optional<at::Tensor>& rotary_sin);
+std::tuple<Tensor, Tensor> cross_inject_attention_cpu(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
+    const Tensor& cu_seqlens_k, double softmax_scale, const std::optional<Tensor>& q_positions,
+    const std::optional<Tensor>& k_positions, const std::optional<Tensor>& rotary_cos,
+    const std::optional<Tensor>& rotary_sin);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_inject_attention_backward_cpu(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, double softmax_scale, const std::optional<at::Tensor>& q_positions,
-    const std::optional<at::Tensor>& k_positions, const std::optional<at::Tensor>& rotary_cos,
-    const std::optional<at::Tensor>& rotary_sin);
+std::tuple<Tensor, Tensor, Tensor> cross_inject_attention_backward_cpu(
+    const Tensor& grad_out, const std::optional<Tensor>& grad_lse, const Tensor& q, const Tensor& k,
+    const Tensor& v, const Tensor& out, const Tensor& lse, const Tensor& cu_seqlens_q,
+    const Tensor& cu_seqlens_k, double softmax_scale, const std::optional<Tensor>& q_positions,
+    const std::optional<Tensor>& k_positions, const std::optional<Tensor>& rotary_cos,
+    const std::optional<Tensor>& rotary_sin);
 
 #ifdef SHAREDLLM_WITH_CUDA
-at::Tensor chunk_pool_cuda(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t tokens_per_node,
-                           c10::string_view mode);
-at::Tensor chunk_pool_backward_cuda(const at::Tensor& grad_out, const at::Tensor& cu_seqlens, int64_t num_rows,
-                                    int64_t tokens_per_node, c10::string_view mode);
-std::tuple<at::Tensor, at::Tensor> tree_topk_cuda(const at::Tensor& query, const at::Tensor& node_emb, int64_t depth,
-                                                  int64_t k, int64_t branching, c10::string_view score);
-std::tuple<at::Tensor, at::Tensor> cross_inject_attention_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, double softmax_scale, const std::optional<at::Tensor>& q_positions,
-    const std::optional<at::Tensor>& k_positions, const std::optional<at::Tensor>& rotary_cos,
-    const std::optional<at::Tensor>& rotary_sin);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_inject_attention_backward_cuda(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, double softmax_scale, const std::optional<at::Tensor>& q_positions,
-    const std::optional<at::Tensor>& k_positions, const std::optional<at::Tensor>& rotary_cos,
-    const std::optional<at::Tensor>& rotary_sin);
+Tensor chunk_pool_cuda(const Tensor& x, const Tensor& cu_seqlens, int64_t tokens_per_node,
+                           const std::string& mode);
+Tensor chunk_pool_backward_cuda(const Tensor& grad_out, const Tensor& cu_seqlens, int64_t num_rows,
+                                    int64_t tokens_per_node, const std::string& mode);
+std::tuple<Tensor, Tensor> tree_topk_cuda(const Tensor& query, const Tensor& node_emb, int64_t depth,
+                                                  int64_t k, int64_t branching, const std::string& score);
+std::tuple<Tensor, Tensor> cross_inject_attention_cuda(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
+    const Tensor& cu_seqlens_k, double softmax_scale, const std::optional<Tensor>& q_positions,
+    const std::optional<Tensor>& k_positions, const std::optional<Tensor>& rotary_cos,
+    const std::optional<Tensor>& rotary_sin);
+std::tuple<Tensor, Tensor, Tensor> cross_inject_attention_backward_cuda(
+    const Tensor& grad_out, const std::optional<Tensor>& grad_lse, const Tensor& q, const Tensor& k,
+    const Tensor& v, const Tensor& out, const Tensor& lse, const Tensor& cu_seqlens_q,
+    const Tensor& cu_seqlens_k, double softmax_scale, const std::optional<Tensor>& q_positions,
+    const std::optional<Tensor>& k_positions, const std::optional<Tensor>& rotary_cos,
+    const std::optional<Tensor>& rotary_sin);
 #endif
 
 std::string build_info();

@@ -5,12 +5,12 @@
 
 namespace sharedllm::binding {
 
-std::tuple<at::Tensor, at::Tensor> tree_topk_cuda(const at::Tensor& query, const at::Tensor& node_emb, int64_t depth,
-                                                  int64_t k, int64_t branching, c10::string_view score) {
-  const c10::cuda::CUDAGuard guard(query.device());
+std::tuple<Tensor, Tensor> tree_topk_cuda(const Tensor& query, const Tensor& node_emb, int64_t depth,
+                                                  int64_t k, int64_t branching, const std::string& score) {
+  const DeviceGuard guard = device_guard(query);
   return run_tree_topk(query, node_emb, depth, k, branching, score, [&](auto tag, const TreeTopkParams& p) {
     constexpr int64_t kMaxShared = 48 * 1024;  // without opting in to more per block
-    TORCH_CHECK_VALUE(cuda::tree_topk_shared_bytes(p.nodes) <= kMaxShared, "the CUDA tree_topk keeps a chunk's ",
+    SHAREDLLM_CHECK(cuda::tree_topk_shared_bytes(p.nodes) <= kMaxShared, "the CUDA tree_topk keeps a chunk's ",
                       p.nodes, " node scores in shared memory and takes trees of up to ", kMaxShared / 5,
                       " nodes; use a smaller depth or branching");
     cuda::tree_topk<typename decltype(tag)::type>(p, current_stream(query));

@@ -33,6 +33,8 @@ def build_info() -> dict:
         "compiled_cuda": compiled.get("cuda_version") or None,
         "compiled_archs": compiled.get("cuda_archs") or None,
         "compiler": compiled.get("compiler") or None,
+        # what setup.py recorded (readable even when the extension fails to load)
+        "build": dict(_ext.build_meta),
         "cuda_available": cuda_now,
         "kernels": {
             op: {

@@ -6,24 +6,78 @@ lookup that ``torch.compile`` can trace.
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 
 import torch
 
 OPS = ("chunk_pool", "tree_topk", "cross_inject_attention")
+MIN_TORCH = (2, 10)  # the stable-ABI target the extension is compiled for
+
+
+def _read_build_meta() -> dict:
+    """What setup.py recorded about the build (version, torch, CUDA, archs, git revision); empty for
+    a tree that was never built."""
+    try:
+        with open(os.path.join(os.path.dirname(__file__), "_build_meta.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+build_meta = _read_build_meta()
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def _cuda_major(version: str | None) -> str | None:
+    return version.split(".")[0] if version else None
+
+
+def _rebuild_hint() -> str:
+    return ("Rebuild against this torch with `make build` (or `pip install --no-build-isolation -e .`), "
+            "or install the wheel for this torch's CUDA (`python -m sharedllm_ops info` shows both).")
+
+
+def _built_for() -> str:
+    if not build_meta:
+        return "no build record (sharedllm_ops/_build_meta.json) was found"
+    cuda = f"CUDA {build_meta['cuda']}" if build_meta.get("cuda") else "CPU only"
+    return (f"built as {build_meta.get('version', '?')} ({cuda}, archs {build_meta.get('cuda_archs') or '-'}) "
+            f"against torch {build_meta.get('built_with_torch', '?')}, for torch >= {build_meta.get('min_torch', '?')}")
+
+
+def _installed() -> str:
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"
+
 
 load_error: str | None = None
 try:
     from . import _C  # noqa: F401  (registers torch.ops.sharedllm.*)
-except ImportError as exc:  # not built, or built for another torch
+except ImportError as exc:  # not built, built for a CUDA this torch does not ship, or torch < 2.10
     load_error = f"{type(exc).__name__}: {exc}"
+    too_old = "" if _torch_version() >= MIN_TORCH else f" The extension needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}."
     warnings.warn(
-        "sharedllm_ops: the compiled extension sharedllm_ops._C could not be loaded "
-        f"({load_error}); only the reference (and Triton) backends are available. "
-        "Build it with `make build` or `pip install --no-build-isolation -e .`.",
+        f"sharedllm_ops: the compiled extension sharedllm_ops._C could not be loaded ({load_error}). "
+        f"It was {_built_for()}; installed is {_installed()}.{too_old} "
+        f"Only the reference (and Triton) backends are available. {_rebuild_hint()}",
         RuntimeWarning,
         stacklevel=2,
     )
+else:
+    # loaded, but compiled for another CUDA major than this torch's: kernels may fail at launch
+    built_cuda, torch_cuda = _cuda_major(build_meta.get("cuda")), _cuda_major(torch.version.cuda)
+    if built_cuda and torch_cuda and built_cuda != torch_cuda:
+        warnings.warn(
+            f"sharedllm_ops: the extension was {_built_for()}; installed is {_installed()}. "
+            f"CUDA {build_meta['cuda']} and {torch.version.cuda} differ in their major version. {_rebuild_hint()}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 loaded = load_error is None
 

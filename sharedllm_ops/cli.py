@@ -154,6 +154,15 @@ def run_info(args) -> int:
         )
     else:
         print(f"extension     not loaded: {info['extension_error']}")
+    build = info["build"]
+    if build:
+        print(
+            f"build         {build.get('version', '?')} ({build.get('python_abi', '?')}, torch >= "
+            f"{build.get('min_torch', '?')}, built with torch {build.get('built_with_torch', '?')}), "
+            f"git {build.get('git_revision', '?')}, {build.get('built_at', '?')}"
+        )
+    else:
+        print("build         no record (sharedllm_ops/_build_meta.json is written by setup.py)")
     backends = ("reference", "cpp", "cuda", "triton")
     print("\nbackends that can run now:")
     rows = [[op] + ["yes" if kinds[b] else "-" for b in backends] for op, kinds in info["kernels"].items()]

@@ -42,7 +42,7 @@ def test_build_info_contents():
     info = so.build_info()
     expected_keys = {
         "version", "torch", "extension_loaded", "extension_error", "compiled_torch", "compiled_cuda",
-        "compiled_archs", "compiler", "cuda_available", "kernels",
+        "compiled_archs", "compiler", "cuda_available", "kernels", "build",
     }
     assert expected_keys <= set(info)
     assert info["version"] == so.__version__
@@ -63,8 +63,13 @@ def test_build_info_contents():
 def test_build_info_of_the_loaded_extension():
     info = so.build_info()
     assert info["extension_error"] is None
-    # built against this very torch (the ABI is not stable across versions)
-    assert info["compiled_torch"] == torch.__version__.split("+")[0]
+    # built through torch's stable ABI: any torch from 2.10 on loads it, whatever it was built with
+    assert re.fullmatch(r"\d+\.\d+\.\d+", info["compiled_torch"])
+    assert info["build"]["built_with_torch"] == info["compiled_torch"]
+    assert info["build"]["min_torch"] == "2.10" and info["build"]["python_abi"] == "cp310-abi3"
+    assert info["build"]["version"].startswith(so.__version__ + "+")
+    assert info["build"]["cuda"] == info["compiled_cuda"]
+    assert so._C.__file__.endswith(".abi3.so")  # the limited-API binary, not a per-Python one
     assert info["compiler"]
     if info["compiled_cuda"] is not None:
         assert re.fullmatch(r"\d+\.\d+", info["compiled_cuda"])
@@ -73,6 +78,38 @@ def test_build_info_of_the_loaded_extension():
         assert info["compiled_archs"] is None
     for op in OPS:
         assert info["kernels"][op]["cpp"] is True
+
+
+def test_import_warns_once_with_build_and_install_when_the_extension_fails_to_load():
+    """A _C that cannot load (simulated by an import hook) gives one warning that says what it was built
+    for, what is installed and how to rebuild, and leaves the reference backend working."""
+    code = """
+import importlib.abc, sys, warnings
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "sharedllm_ops._C":
+            raise ImportError("undefined symbol: simulated")
+sys.meta_path.insert(0, Block())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch, sharedllm_ops as so
+messages = [str(w.message) for w in caught if "sharedllm_ops" in str(w.message)]
+print(len(messages)); print(messages[0])
+x = torch.randn(6, 1, 4)
+print(so.chunk_pool(x, torch.tensor([0, 6], dtype=torch.int32), 2, backend="reference").shape)
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    count, message, shape = out.strip().splitlines()[-3:]
+    assert count == "1"
+    assert "could not be loaded (ImportError: undefined symbol: simulated)" in message
+    assert f"installed is torch {torch.__version__}" in message
+    assert "Rebuild" in message and "make build" in message
+    if _ext.build_meta:
+        assert f"built as {_ext.build_meta['version']}" in message
+    assert shape == "torch.Size([2, 1, 4])"
 
 
 @requires_ext

@@ -1,8 +1,6 @@
 // csrc/cuda/cross_inject_attention.cu compiled as host C++ against the CPU emulator in include/,
 // behind torch.ops.sharedllm_emulated.cross_inject_attention(_backward) on CPU tensors, with the
 // checks and allocation of the real binding. Built by tests/test_cuda_emulated.py.
-#include <torch/library.h>
-
 #include "attention_binding.h"
 
 // after every torch header: the emulator's macros (__shared__, __device__, ...) are for the kernels
@@ -13,13 +11,14 @@
 namespace {
 
 using namespace sharedllm;
+using binding::Tensor;
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const at::Tensor& cu_q, const at::Tensor& cu_k, double scale,
-                                           const std::optional<at::Tensor>& q_pos,
-                                           const std::optional<at::Tensor>& k_pos,
-                                           const std::optional<at::Tensor>& cos,
-                                           const std::optional<at::Tensor>& sin) {
+std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                           const Tensor& cu_q, const Tensor& cu_k, double scale,
+                                           const std::optional<Tensor>& q_pos,
+                                           const std::optional<Tensor>& k_pos,
+                                           const std::optional<Tensor>& cos,
+                                           const std::optional<Tensor>& sin) {
   const int64_t nq = q.size(0), nk = k.size(0);
   return binding::run_attention_forward(q, k, v, cu_q, cu_k, scale, q_pos, k_pos, cos, sin, true,
                                         [&](auto tag, const AttentionForwardParams& p) {
@@ -28,32 +27,33 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                         });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k,
-    double scale, const std::optional<at::Tensor>& q_pos, const std::optional<at::Tensor>& k_pos,
-    const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin) {
+std::tuple<Tensor, Tensor, Tensor> backward(
+    const Tensor& grad_out, const std::optional<Tensor>& grad_lse, const Tensor& q, const Tensor& k,
+    const Tensor& v, const Tensor& out, const Tensor& lse, const Tensor& cu_q, const Tensor& cu_k,
+    double scale, const std::optional<Tensor>& q_pos, const std::optional<Tensor>& k_pos,
+    const std::optional<Tensor>& cos, const std::optional<Tensor>& sin) {
   const int64_t nq = q.size(0), nk = k.size(0);
-  at::Tensor delta = at::full({nq, q.size(1)}, NAN, q.options().dtype(at::kFloat));
+  Tensor delta = torch::stable::full({nq, q.size(1)}, NAN, binding::ScalarType::Float, std::nullopt, q.device());
   return binding::run_attention_backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, scale, q_pos, k_pos, cos,
                                          sin, true, [&](auto tag, const AttentionBackwardParams& p) {
                                            cuda::cross_inject_attention_backward<typename decltype(tag)::type>(
-                                               p, nq, nk, delta.data_ptr<float>(), nullptr);
+                                               p, nq, nk, binding::ptr<float>(delta), nullptr);
                                          });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(sharedllm_emulated, m) {
-  m.def(
-      "cross_inject_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+STABLE_TORCH_LIBRARY_FRAGMENT(sharedllm_emulated, m) {
+  m.def("cross_inject_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "float softmax_scale, Tensor? q_positions, Tensor? k_positions, Tensor? rotary_cos, Tensor? rotary_sin) -> "
-      "(Tensor out, Tensor lse)",
-      &forward);
-  m.def(
-      "cross_inject_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
+      "(Tensor out, Tensor lse)");
+  m.def("cross_inject_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, float softmax_scale, "
       "Tensor? q_positions, Tensor? k_positions, Tensor? rotary_cos, Tensor? rotary_sin) -> "
-      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)",
-      &backward);
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(sharedllm_emulated, CPU, m) {
+  m.impl("cross_inject_attention", TORCH_BOX(&forward));
+  m.impl("cross_inject_attention_backward", TORCH_BOX(&backward));
 }

@@ -1,8 +1,6 @@
 // csrc/cuda/chunk_pool.cu compiled as host C++ against the CPU emulator in include/, behind
 // torch.ops.sharedllm_emulated.chunk_pool(_backward) on CPU tensors, with the checks and allocation
 // of the real binding. Built by tests/test_cuda_emulated.py.
-#include <torch/library.h>
-
 #include "chunk_pool_binding.h"
 
 #include <cuda_runtime.h>
@@ -12,15 +10,16 @@
 namespace {
 
 using namespace sharedllm;
+using binding::Tensor;
 
-at::Tensor pool(const at::Tensor& x, const at::Tensor& cu, int64_t tokens_per_node, c10::string_view mode) {
+Tensor pool(const Tensor& x, const Tensor& cu, int64_t tokens_per_node, const std::string& mode) {
   return binding::run_chunk_pool(x, cu, tokens_per_node, mode, true, [&](auto tag, const ChunkPoolParams& p) {
     cuda::chunk_pool_forward<typename decltype(tag)::type>(p, x.size(0), nullptr);
   });
 }
 
-at::Tensor pool_backward(const at::Tensor& grad_out, const at::Tensor& cu, int64_t num_rows, int64_t tokens_per_node,
-                         c10::string_view mode) {
+Tensor pool_backward(const Tensor& grad_out, const Tensor& cu, int64_t num_rows, int64_t tokens_per_node,
+                         const std::string& mode) {
   return binding::run_chunk_pool_backward(grad_out, cu, num_rows, tokens_per_node, mode, true,
                                           [&](auto tag, const ChunkPoolBackwardParams& p) {
                                             cuda::chunk_pool_backward<typename decltype(tag)::type>(p, num_rows,
@@ -30,8 +29,12 @@ at::Tensor pool_backward(const at::Tensor& grad_out, const at::Tensor& cu, int64
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(sharedllm_emulated, m) {
-  m.def("chunk_pool(Tensor x, Tensor cu_seqlens, int tokens_per_node, str mode) -> Tensor", &pool);
-  m.def("chunk_pool_backward(Tensor grad_out, Tensor cu_seqlens, int num_rows, int tokens_per_node, str mode) -> Tensor",
-        &pool_backward);
+STABLE_TORCH_LIBRARY_FRAGMENT(sharedllm_emulated, m) {
+  m.def("chunk_pool(Tensor x, Tensor cu_seqlens, int tokens_per_node, str mode) -> Tensor");
+  m.def("chunk_pool_backward(Tensor grad_out, Tensor cu_seqlens, int num_rows, int tokens_per_node, str mode) -> Tensor");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(sharedllm_emulated, CPU, m) {
+  m.impl("chunk_pool", TORCH_BOX(&pool));
+  m.impl("chunk_pool_backward", TORCH_BOX(&pool_backward));
 }

@@ -1,8 +1,6 @@
 // csrc/cuda/tree_topk.cu compiled as host C++ against the CPU emulator in include/, behind
 // torch.ops.sharedllm_emulated.tree_topk on CPU tensors, with the checks and allocation of the real
 // binding. Built by tests/test_cuda_emulated.py.
-#include <torch/library.h>
-
 #include "tree_topk_binding.h"
 
 #include <cuda_runtime.h>
@@ -12,9 +10,10 @@
 namespace {
 
 using namespace sharedllm;
+using binding::Tensor;
 
-std::tuple<at::Tensor, at::Tensor> topk(const at::Tensor& query, const at::Tensor& node_emb, int64_t depth, int64_t k,
-                                        int64_t branching, c10::string_view score) {
+std::tuple<Tensor, Tensor> topk(const Tensor& query, const Tensor& node_emb, int64_t depth, int64_t k,
+                                        int64_t branching, const std::string& score) {
   return binding::run_tree_topk(query, node_emb, depth, k, branching, score, [&](auto tag, const TreeTopkParams& p) {
     cuda::tree_topk<typename decltype(tag)::type>(p, nullptr);
   });
@@ -22,9 +21,11 @@ std::tuple<at::Tensor, at::Tensor> topk(const at::Tensor& query, const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(sharedllm_emulated, m) {
-  m.def(
-      "tree_topk(Tensor query, Tensor node_emb, int depth, int k, int branching, str score) -> "
-      "(Tensor node_ids, Tensor scores)",
-      &topk);
+STABLE_TORCH_LIBRARY_FRAGMENT(sharedllm_emulated, m) {
+  m.def("tree_topk(Tensor query, Tensor node_emb, int depth, int k, int branching, str score) -> "
+      "(Tensor node_ids, Tensor scores)");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(sharedllm_emulated, CPU, m) {
+  m.impl("tree_topk", TORCH_BOX(&topk));
 }

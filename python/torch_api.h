@@ -1,0 +1,127 @@
+// The part of torch the binding layer uses, all of it from PyTorch's stable ABI (torch/csrc/stable,
+// headeronly): the extension is built with TORCH_TARGET_VERSION = 2.10 and loads in any torch from
+// 2.10 on without a rebuild. Nothing here may include ATen or c10 headers.
+#pragma once
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "sharedllm/common.h"
+
+namespace sharedllm::binding {
+
+using Tensor = torch::stable::Tensor;
+using ScalarType = torch::headeronly::ScalarType;
+using Device = torch::stable::Device;
+
+// Bad arguments throw std::invalid_argument with a message naming the argument. (The stable ABI
+// reports every C++ exception as a RuntimeError; the public Python functions raise ValueError for
+// the same conditions before the op is called.)
+template <typename... Parts>
+[[noreturn]] void fail(const Parts&... parts) {
+  std::ostringstream message;
+  (message << ... << parts);
+  throw std::invalid_argument(message.str());
+}
+#define SHAREDLLM_CHECK(cond, ...) \
+  do {                             \
+    if (!(cond)) ::sharedllm::binding::fail(__VA_ARGS__); \
+  } while (0)
+
+inline std::string shape_of(const Tensor& t) {
+  std::ostringstream s;
+  s << "[";
+  for (int64_t d = 0; d < t.dim(); ++d) s << (d ? ", " : "") << t.size(d);
+  s << "]";
+  return s.str();
+}
+
+inline std::string strides_of(const Tensor& t) {
+  std::ostringstream s;
+  s << "(";
+  for (int64_t d = 0; d < t.dim(); ++d) s << (d ? ", " : "") << t.stride(d);
+  s << ")";
+  return s.str();
+}
+
+inline bool has_shape(const Tensor& t, std::initializer_list<int64_t> shape) {
+  if (t.dim() != static_cast<int64_t>(shape.size())) return false;
+  int64_t d = 0;
+  for (int64_t size : shape)
+    if (t.size(d++) != size) return false;
+  return true;
+}
+
+inline bool same_shape(const Tensor& a, const Tensor& b) {
+  if (a.dim() != b.dim()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) != b.size(d)) return false;
+  return true;
+}
+
+inline std::string device_name(const Tensor& t) {
+  if (t.is_cpu()) return "cpu";
+  if (t.is_cuda()) return "cuda:" + std::to_string(t.get_device_index());
+  return "device type " + std::to_string(static_cast<int>(t.device().type()));
+}
+
+inline bool same_device(const Tensor& a, const Tensor& b) { return a.device() == b.device(); }
+
+inline bool is_float_type(ScalarType t) {
+  return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16 || t == ScalarType::Double;
+}
+
+// New tensors: uninitialised, of `dtype`, on the device of `like`.
+inline Tensor new_tensor(std::initializer_list<int64_t> shape, ScalarType dtype, const Tensor& like) {
+  return torch::stable::empty(torch::headeronly::IntHeaderOnlyArrayRef(shape.begin(), shape.size()), dtype,
+                              std::nullopt, like.device());
+}
+inline Tensor new_tensor_like(const Tensor& like, std::initializer_list<int64_t> shape) {
+  return new_tensor(shape, like.scalar_type(), like);
+}
+
+inline Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+inline Tensor to_dtype(const Tensor& t, ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);
+}
+// A contiguous host copy (the tensor itself when it already is one).
+inline Tensor host_contiguous(const Tensor& t) {
+  return as_contiguous(t.is_cpu() ? t : torch::stable::to(t, Device(torch::headeronly::DeviceType::CPU)));
+}
+
+template <typename T>
+T* ptr(const Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
+// Tag carrying a csrc kernel type through the generic launcher lambdas of the run_* bindings.
+template <typename T>
+struct KernelTag {
+  using type = T;
+};
+
+// Calls f(KernelTag<T>{}) with the csrc storage type of a float32/float16/bfloat16 dtype.
+template <typename F>
+void dispatch_floating(ScalarType dtype, const char* name, F&& f) {
+  switch (dtype) {
+    case ScalarType::Float:
+      return f(KernelTag<float>{});
+    case ScalarType::Half:
+      return f(KernelTag<half_t>{});
+    case ScalarType::BFloat16:
+      return f(KernelTag<bfloat16_t>{});
+    default:
+      fail(name, ": unsupported dtype ", dtype);
+  }
+}
+
+}  // namespace sharedllm::binding
