@@ -43,7 +43,7 @@ build: $(STAMP)
 # dist/sharedllm_ops-<version>+cuXYZ-cp310-abi3-linux_x86_64.whl for the local CUDA (+cpu without
 # CUDA, or with SHAREDLLM_OPS_CPU_ONLY=1): one wheel for torch >= 2.10 and CPython >= 3.10
 wheel: $(STAMP)
-	rm -f sharedllm_ops/_C.cpython-*.so dist/*.whl
+	rm -rf sharedllm_ops/_C.cpython-*.so dist/*.whl build/lib.* build/bdist.*  # no stale binary in the wheel
 	TORCH_CUDA_ARCH_LIST="$(or $(USER_ARCHS),$(WHEEL_ARCHS))" \
 	  $(PY) -m pip wheel --quiet --no-build-isolation --no-deps --wheel-dir dist .
 	@ls dist/*.whl

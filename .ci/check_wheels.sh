@@ -30,6 +30,14 @@ cuda_wheel=$(ls "$WORK"/*+cu*.whl 2>/dev/null || true)
 cpu_wheel=$(ls "$WORK"/*+cpu*.whl)
 for w in $cuda_wheel $cpu_wheel; do
   case "$(basename "$w")" in *-cp310-abi3-*) ;; *) echo "not an abi3 wheel: $w"; exit 1 ;; esac
+  # exactly one binary, the limited-API one, and the build record beside it
+  $PY - "$w" <<'PYEOF'
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+binaries = [n for n in names if n.startswith("sharedllm_ops/_C")]
+assert binaries == ["sharedllm_ops/_C.abi3.so"], binaries
+assert "sharedllm_ops/_build_meta.json" in names
+PYEOF
 done
 
 if [ -n "$cuda_wheel" ]; then

@@ -19,7 +19,8 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__}, sharedllm_op
 print(f"built with torch {info['build']['built_with_torch']}, CUDA {info['build']['cuda']}, "
       f"archs {info['build']['cuda_archs']}, git {info['build']['git_revision']}")
 assert info["extension_loaded"], info["extension_error"]
-assert so._C.__file__.endswith(".abi3.so") and os.path.dirname(so._C.__file__) == os.path.dirname(so.__file__)
+here = os.path.dirname(os.path.realpath(so.__file__))
+assert so._C.__file__.endswith(".abi3.so") and os.path.dirname(os.path.realpath(so._C.__file__)) == here, so._C.__file__
 
 x = torch.randn(40, 2, 16)
 cu = cu_seqlens([25, 0, 15])
