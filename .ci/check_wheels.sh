@@ -3,7 +3,8 @@
 #  1. the CUDA wheel of this machine (archs: TORCH_CUDA_ARCH_LIST, 9.0 in CI) in a fresh venv with
 #     torch 2.14.1: installs, imports, reports its build and runs every op on CPU tensors;
 #  2. the CPU-only wheel, built against torch 2.14.1, in a fresh venv with torch 2.13.0 (CPU build):
-#     one binary across torch versions, through the stable ABI; the CPU kernel tests pass there.
+#     one binary across torch versions, through the stable ABI; the CPU kernel tests pass there;
+#  3. the sdist, installed from source (CPU-only) into that torch 2.13.0 venv: it compiles there.
 # Both test venvs run from outside the repo, so `import sharedllm_ops` is the installed wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,4 +52,11 @@ fresh_venv "$WORK/venv-cpu" "torch==2.13.0"
 (cd "$WORK" && "$WORK/venv-cpu/bin/python" "$REPO/.ci/wheel_smoke.py")
 (cd "$WORK" && "$WORK/venv-cpu/bin/pytest" -q -p no:cacheprovider "$REPO/tests/test_api.py" \
   "$REPO/tests/test_chunk_pool.py" "$REPO/tests/test_tree_topk.py" "$REPO/tests/test_cross_inject_attention.py")
+
+make sdist
+sdist=$(ls dist/*.tar.gz)
+"$WORK/venv-cpu/bin/pip" install --quiet setuptools wheel ninja
+(cd "$WORK" && SHAREDLLM_OPS_CPU_ONLY=1 "$WORK/venv-cpu/bin/pip" install --quiet --no-build-isolation --no-deps "$REPO/$sdist")
+(cd "$WORK" && "$WORK/venv-cpu/bin/python" "$REPO/.ci/wheel_smoke.py")
+rm -f "$sdist"
 echo "wheel checks passed in $((SECONDS - start)) s"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script for a lent GPU machine (no internet there; its torch is 2.11 with Python 3.12):
-# build the extension from source for the local GPU, run the GPU tests, then the benchmarks,
-# and leave logs and results under $OUT. Run from the repository root:
+# test the carried wheel if there is one, build the extension from source for the local GPU, run
+# the GPU tests, then the benchmarks, and leave logs and results under $OUT. Run from the repository root:
 #     OUT=/some/dir bash bench/gpu_check.sh
 # Not yet run on a GPU: the sessions so far had none. Model tests and benchmarks need
 # transformers; where it is missing they are skipped (see tests.log), carry a wheel to add it.
@@ -16,6 +16,18 @@ export TRITON_INTERPRET=0
 { nvidia-smi; $PY -c 'import torch, sys; print(sys.version, torch.__version__, torch.version.cuda)'; } > "$OUT/machine.txt" 2>&1
 
 start=$SECONDS
+# The wheel built on the CPU machine, if carried (`make wheel TORCH_CUDA_ARCH_LIST=9.0`, then
+# carry dist/): it must run here, on this torch and Python, without a rebuild. Installed into its
+# own folder and tested from outside the tree, so that the import is the wheel's.
+WHEEL=$(ls dist/sharedllm_ops-*+cu*-cp310-abi3-*.whl 2>/dev/null | head -1)
+if [ -n "$WHEEL" ]; then
+  REPO=$PWD
+  rm -rf /tmp/sharedllm_wheel
+  $PY -m pip install -q --no-deps --no-index --target /tmp/sharedllm_wheel "$WHEEL" > "$OUT/wheel.log" 2>&1
+  (cd /tmp && PYTHONPATH=/tmp/sharedllm_wheel $PY -m sharedllm_ops info \
+     && PYTHONPATH=/tmp/sharedllm_wheel $PY -m pytest "$REPO/tests/test_gpu.py" -q -p no:cacheprovider -rs) >> "$OUT/wheel.log" 2>&1
+  echo "carried wheel $(basename "$WHEEL"), GPU tests: rc=$? ($(tail -1 "$OUT/wheel.log"))"
+fi
 $PY setup.py --quiet build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "build failed, see build.log"; tail -30 "$OUT/build.log"; exit 1; }
 echo "build: $((SECONDS - start)) s"
 $PY -m sharedllm_ops info | tee "$OUT/info.txt"
