@@ -37,20 +37,20 @@ template <typename... Parts>
     if (!(cond)) ::sharedllm::binding::fail(__VA_ARGS__); \
   } while (0)
 
-inline std::string shape_of(const Tensor& t) {
+// "[a, b, c]" (sizes) and "(a, b, c)" (strides), for error messages
+template <typename Get>
+std::string format_dims(const Tensor& t, const char* open, const char* close, Get get) {
   std::ostringstream s;
-  s << "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s << (d ? ", " : "") << t.size(d);
-  s << "]";
+  s << open;
+  for (int64_t d = 0; d < t.dim(); ++d) s << (d ? ", " : "") << get(d);
+  s << close;
   return s.str();
 }
-
+inline std::string shape_of(const Tensor& t) {
+  return format_dims(t, "[", "]", [&](int64_t d) { return t.size(d); });
+}
 inline std::string strides_of(const Tensor& t) {
-  std::ostringstream s;
-  s << "(";
-  for (int64_t d = 0; d < t.dim(); ++d) s << (d ? ", " : "") << t.stride(d);
-  s << ")";
-  return s.str();
+  return format_dims(t, "(", ")", [&](int64_t d) { return t.stride(d); });
 }
 
 inline bool has_shape(const Tensor& t, std::initializer_list<int64_t> shape) {
