@@ -170,12 +170,13 @@ def test_chunk_pool_matches_reference(emulated, dtype, mode, head_dim):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("score", ["cosine", "dot"])
 @pytest.mark.parametrize("depth,k,b", [(3, 1, 2), (2, 2, 3)])
-def test_tree_topk_matches_reference(emulated, dtype, score, depth, k, b):
+@pytest.mark.parametrize("dim", [40, 37], ids=["vector", "scalar"])
+def test_tree_topk_matches_reference(emulated, dtype, score, depth, k, b, dim):
     from sharedllm_ops import reference as R
 
     T = R.num_tree_nodes(depth, b)
-    query = torch.randn(2, 40).to(dtype)
-    emb = torch.randn(2, 3, T, 40).to(dtype)
+    query = torch.randn(2, dim).to(dtype)
+    emb = torch.randn(2, 3, T, dim).to(dtype)
     with nan_filled_empty():
         ids, scores = emulated.tree_topk(query, emb, depth, k, b, score)
     _, ref_scores = so.tree_topk(query, emb, depth, k=k, branching=b, score=score, backend="reference")

@@ -241,6 +241,21 @@ def test_attention_gpu_other_head_dims_and_layouts(d, dv, layout, backend):
         assert_close(a, b, grad_tol(torch.bfloat16, float(b.abs().max())), msg=f"d{name}")
 
 
+@pytest.mark.parametrize("backend", gpu_backends("cross_inject_attention"))
+def test_attention_gpu_backward_with_misaligned_grad_out(backend):
+    """A contiguous grad_out that starts 2 bytes past a 16-byte boundary (the CUDA tensor-core
+    backward reads dO in 16-byte vectors, so it must take its other path here)."""
+    q, k, v, cq, ck, extra = _attention_inputs([70, 3], [130, 9], 8, 2, 128, torch.bfloat16)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = so.cross_inject_attention(*leaves, cq, ck, backend=backend, **extra)
+    ref = so.cross_inject_attention(*leaves, cq, ck, backend="reference", **extra)
+    g = torch.randn(out.numel() + 1, device=DEV, dtype=out.dtype)[1:].view_as(out)
+    got = torch.autograd.grad(out, leaves, g)
+    exp = torch.autograd.grad(ref, leaves, g)
+    for name, a, b in zip("qkv", got, exp):
+        assert_close(a, b, grad_tol(torch.bfloat16, float(b.abs().max())), msg=f"d{name}")
+
+
 def test_attention_cuda_graph_capture_and_bad_inputs():
     if not so._ext.compiled_kernels["cross_inject_attention"]["cuda"]:
         pytest.skip("this build has no CUDA kernel for cross_inject_attention")

@@ -90,18 +90,6 @@ __global__ void __launch_bounds__(kThreads) chunk_pool_backward_kernel(ChunkPool
   store_vec<T, VEC>(gx, acc);
 }
 
-// 16-byte vectors when D, the strides and the base pointers allow it, else one element at a time.
-template <typename T>
-bool can_vectorize(std::initializer_list<const void*> ptrs, std::initializer_list<int64_t> strides, int64_t head_dim) {
-  constexpr int64_t vec = 16 / sizeof(T);
-  if (head_dim % vec) return false;
-  for (const void* ptr : ptrs)
-    if (reinterpret_cast<uintptr_t>(ptr) % 16) return false;
-  for (int64_t s : strides)
-    if (s % vec) return false;
-  return true;
-}
-
 dim3 grid_for(int64_t rows, int64_t heads, int64_t head_dim, int vec) {
   const int64_t lanes = heads * (head_dim / vec);
   return dim3(static_cast<unsigned>(rows), static_cast<unsigned>((lanes + kThreads - 1) / kThreads));

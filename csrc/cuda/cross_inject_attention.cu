@@ -705,8 +705,6 @@ constexpr size_t dkdv_shared_bytes() {
 // ---------------------------------------------------------------------------------------------
 // Host side
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 int current_device_major() {
   int device = 0, major = 0;
   cudaGetDevice(&device);
@@ -721,11 +719,10 @@ bool use_tensor_cores(const AttentionParams& p) {
     return false;
   } else {
     if (p.head_dim != p.v_dim || (p.head_dim != 64 && p.head_dim != 128)) return false;
-    constexpr int64_t kVec = 8;
-    for (int64_t stride : {p.q_row_stride, p.q_head_stride, p.k_row_stride, p.k_head_stride, p.v_row_stride,
-                           p.v_head_stride})
-      if (stride % kVec) return false;
-    return aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && current_device_major() >= 8;
+    return can_vectorize<T>({p.q, p.k, p.v}, {p.q_row_stride, p.q_head_stride, p.k_row_stride, p.k_head_stride,
+                                              p.v_row_stride, p.v_head_stride},
+                            p.head_dim) &&
+           current_device_major() >= 8;
   }
 }
 
@@ -798,7 +795,8 @@ void cross_inject_attention_backward(const AttentionBackwardParams& p, int64_t n
                   s, p, q_items, delta);
     check_launch("cross_inject_attention_backward (delta)");
   }
-  if (use_tensor_cores<T>(p)) {
+  // dO is read as 16-byte vectors too (a contiguous view may still start off a 16-byte boundary)
+  if (use_tensor_cores<T>(p) && can_vectorize<T>({p.grad_out}, {}, p.head_dim)) {
     if (p.head_dim == 64) launch_backward_mma<T, 64>(p, nq, nk, delta, s);
     else launch_backward_mma<T, 128>(p, nq, nk, delta, s);
     return;

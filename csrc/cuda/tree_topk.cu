@@ -1,7 +1,8 @@
 // tree_topk (DESIGN 3.2) on CUDA: ONE launch for scoring, descent and sorted emission.
 //
 // One block per (sequence, chunk). Its warps score the chunk's T nodes (one node per warp at a
-// time, lanes striding over D, float32 accumulation, a shuffle reduction) into shared memory.
+// time, lanes striding over D in 16-byte vectors where the layout allows, float32 accumulation, a
+// shuffle reduction) into shared memory.
 // Then one thread runs the descent, O(T) over the flags in shared memory, and walks the leaves
 // left to right to emit the preserved ids in order. The tree is tiny next to the reads of D-wide
 // embeddings, so the serial part costs little; no host synchronisation anywhere.
@@ -17,7 +18,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned char kExpanded = 1, kPreserved = 2;
 
-template <typename T>
+template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) tree_topk_kernel(TreeTopkParams p) {
   SHAREDLLM_DYNAMIC_SHARED(float, shared);
   float* scores = shared;                                                  // [T]
@@ -48,10 +49,12 @@ __global__ void __launch_bounds__(kThreads) tree_topk_kernel(TreeTopkParams p) {
   for (int64_t t = warp; t < p.nodes; t += kWarps) {
     const T* e = emb + t * p.e_node_stride;
     float dot = 0.f, e_sq = 0.f;
-    for (int64_t d = lane; d < p.dim; d += 32) {
-      const float ev = load_float(e[d]);
-      dot += ev * load_float(query[d]);
-      e_sq += ev * ev;
+    for (int64_t d = lane * VEC; d < p.dim; d += 32 * VEC) {
+      float ev[VEC], qv[VEC];
+      load_vec<T, VEC>(e + d, ev);
+      load_vec<T, VEC>(query + d, qv);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) dot += ev[i] * qv[i], e_sq += ev[i] * ev[i];
     }
     dot = warp_sum(dot);
     e_sq = warp_sum(e_sq);
@@ -112,7 +115,13 @@ template <typename T>
 void tree_topk(const TreeTopkParams& p, void* stream) {
   const int64_t blocks = p.batch * p.chunks;
   const size_t shared = static_cast<size_t>(tree_topk_shared_bytes(p.nodes));
-  launch_kernel(tree_topk_kernel<T>, static_cast<unsigned>(blocks), kThreads, shared, static_cast<cudaStream_t>(stream), p);
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (can_vectorize<T>({p.query, p.node_emb}, {p.q_stride, p.e_batch_stride, p.e_chunk_stride, p.e_node_stride},
+                       p.dim)) {
+    launch_kernel(tree_topk_kernel<T, 16 / sizeof(T)>, static_cast<unsigned>(blocks), kThreads, shared, s, p);
+  } else {
+    launch_kernel(tree_topk_kernel<T, 1>, static_cast<unsigned>(blocks), kThreads, shared, s, p);
+  }
   check_launch("tree_topk");
 }
 

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -42,6 +43,20 @@ template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
+
+// Whether rows of `dim` elements can move as 16-byte vectors: dim, the strides (in elements) and the
+// base pointers all on 16-byte boundaries. Host side.
+template <typename T>
+inline bool can_vectorize(std::initializer_list<const void*> ptrs, std::initializer_list<int64_t> strides,
+                          int64_t dim) {
+  constexpr int64_t vec = 16 / sizeof(T);
+  if (dim % vec) return false;
+  for (const void* ptr : ptrs)
+    if (reinterpret_cast<uintptr_t>(ptr) % 16) return false;
+  for (int64_t s : strides)
+    if (s % vec) return false;
+  return true;
+}
 
 template <typename T, int VEC>
 __device__ __forceinline__ void load_vec(const T* ptr, float (&out)[VEC]) {
