@@ -45,9 +45,9 @@ def _rebuild_hint() -> str:
 
 def _built_for() -> str:
     if not build_meta:
-        return "no build record (sharedllm_ops/_build_meta.json) was found"
+        return "unknown (no sharedllm_ops/_build_meta.json)"
     cuda = f"CUDA {build_meta['cuda']}" if build_meta.get("cuda") else "CPU only"
-    return (f"built as {build_meta.get('version', '?')} ({cuda}, archs {build_meta.get('cuda_archs') or '-'}) "
+    return (f"{build_meta.get('version', '?')} ({cuda}, archs {build_meta.get('cuda_archs') or '-'}) "
             f"against torch {build_meta.get('built_with_torch', '?')}, for torch >= {build_meta.get('min_torch', '?')}")
 
 
@@ -63,7 +63,7 @@ except ImportError as exc:  # not built, built for a CUDA this torch does not sh
     too_old = "" if _torch_version() >= MIN_TORCH else f" The extension needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}."
     warnings.warn(
         f"sharedllm_ops: the compiled extension sharedllm_ops._C could not be loaded ({load_error}). "
-        f"It was {_built_for()}; installed is {_installed()}.{too_old} "
+        f"Built: {_built_for()}. Installed: {_installed()}.{too_old} "
         f"Only the reference (and Triton) backends are available. {_rebuild_hint()}",
         RuntimeWarning,
         stacklevel=2,
@@ -73,7 +73,8 @@ else:
     built_cuda, torch_cuda = _cuda_major(build_meta.get("cuda")), _cuda_major(torch.version.cuda)
     if built_cuda and torch_cuda and built_cuda != torch_cuda:
         warnings.warn(
-            f"sharedllm_ops: the extension was {_built_for()}; installed is {_installed()}. "
+            f"sharedllm_ops: the extension was built for another CUDA. Built: {_built_for()}. "
+            f"Installed: {_installed()}. "
             f"CUDA {build_meta['cuda']} and {torch.version.cuda} differ in their major version. {_rebuild_hint()}",
             RuntimeWarning,
             stacklevel=2,

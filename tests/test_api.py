@@ -105,10 +105,10 @@ print(so.chunk_pool(x, torch.tensor([0, 6], dtype=torch.int32), 2, backend="refe
     count, message, shape = out.strip().splitlines()[-3:]
     assert count == "1"
     assert "could not be loaded (ImportError: undefined symbol: simulated)" in message
-    assert f"installed is torch {torch.__version__}" in message
+    assert f"Installed: torch {torch.__version__}" in message
     assert "Rebuild" in message and "make build" in message
     if _ext.build_meta:
-        assert f"built as {_ext.build_meta['version']}" in message
+        assert f"Built: {_ext.build_meta['version']}" in message
     assert shape == "torch.Size([2, 1, 4])"
 
 
