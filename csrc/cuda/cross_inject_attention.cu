@@ -715,15 +715,11 @@ int current_device_major() {
 // The tensor-core path: 16-bit, D == Dv in {64, 128}, rows and heads on 16-byte boundaries, sm_80+.
 template <typename T>
 bool use_tensor_cores(const AttentionParams& p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return false;
-  } else {
-    if (p.head_dim != p.v_dim || (p.head_dim != 64 && p.head_dim != 128)) return false;
-    return can_vectorize<T>({p.q, p.k, p.v}, {p.q_row_stride, p.q_head_stride, p.k_row_stride, p.k_head_stride,
-                                              p.v_row_stride, p.v_head_stride},
-                            p.head_dim) &&
-           current_device_major() >= 8;
-  }
+  if (p.head_dim != p.v_dim || (p.head_dim != 64 && p.head_dim != 128)) return false;
+  return can_vectorize<T>({p.q, p.k, p.v}, {p.q_row_stride, p.q_head_stride, p.k_row_stride, p.k_head_stride,
+                                            p.v_row_stride, p.v_head_stride},
+                          p.head_dim) &&
+         current_device_major() >= 8;
 }
 
 // Warps per block of a general-path kernel staging `floats_per_warp` float32 values per warp.
@@ -774,13 +770,16 @@ template <typename T>
 void cross_inject_attention_forward(const AttentionForwardParams& p, int64_t nq, int64_t nk, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   if (nq == 0 || p.num_q_heads == 0) return;
-  if (use_tensor_cores<T>(p)) {
-    if (p.head_dim == 64) launch_forward_mma<T, 64>(p, nq, nk, s);
-    else launch_forward_mma<T, 128>(p, nq, nk, s);
-  } else {
-    const GeneralLaunch l = general_launch(nq * p.num_q_heads, p.head_dim + p.v_dim);
-    launch_kernel(attention_forward_general<T>, l.blocks, l.threads, l.shared, s, p, nq, nk);
+  if constexpr (!std::is_same_v<T, float>) {  // no tensor-core kernels are instantiated for float32
+    if (use_tensor_cores<T>(p)) {
+      if (p.head_dim == 64) launch_forward_mma<T, 64>(p, nq, nk, s);
+      else launch_forward_mma<T, 128>(p, nq, nk, s);
+      check_launch("cross_inject_attention_forward");
+      return;
+    }
   }
+  const GeneralLaunch l = general_launch(nq * p.num_q_heads, p.head_dim + p.v_dim);
+  launch_kernel(attention_forward_general<T>, l.blocks, l.threads, l.shared, s, p, nq, nk);
   check_launch("cross_inject_attention_forward");
 }
 
@@ -795,11 +794,13 @@ void cross_inject_attention_backward(const AttentionBackwardParams& p, int64_t n
                   s, p, q_items, delta);
     check_launch("cross_inject_attention_backward (delta)");
   }
-  // dO is read as 16-byte vectors too (a contiguous view may still start off a 16-byte boundary)
-  if (use_tensor_cores<T>(p) && can_vectorize<T>({p.grad_out}, {}, p.head_dim)) {
-    if (p.head_dim == 64) launch_backward_mma<T, 64>(p, nq, nk, delta, s);
-    else launch_backward_mma<T, 128>(p, nq, nk, delta, s);
-    return;
+  if constexpr (!std::is_same_v<T, float>) {
+    // dO is read as 16-byte vectors too (a contiguous view may still start off a 16-byte boundary)
+    if (use_tensor_cores<T>(p) && can_vectorize<T>({p.grad_out}, {}, p.head_dim)) {
+      if (p.head_dim == 64) launch_backward_mma<T, 64>(p, nq, nk, delta, s);
+      else launch_backward_mma<T, 128>(p, nq, nk, delta, s);
+      return;
+    }
   }
   if (k_items > 0) {
     const GeneralLaunch l = general_launch(k_items, 2 * (p.head_dim + p.v_dim));
