@@ -83,6 +83,23 @@ __device__ __forceinline__ float rotated_element(const T* x, int64_t d, int64_t 
   return xd * cos[d] + partner * sin[d];
 }
 
+// The warp's dot product of a staged float32 row with row x (rotated when cos/sin are given); every
+// lane gets the total.
+template <typename T>
+__device__ __forceinline__ float warp_dot(const float* staged, const T* x, int64_t dim, const float* cos,
+                                          const float* sin, int lane) {
+  float sum = 0.f;
+  for (int64_t d = lane; d < dim; d += 32) sum += staged[d] * rotated_element(x, d, dim, cos, sin);
+  return warp_sum(sum);
+}
+
+// acc += a * x (x rotated when cos/sin are given), each lane on its own elements of the row.
+template <typename T>
+__device__ __forceinline__ void warp_axpy(float* acc, float a, const T* x, int64_t dim, const float* cos,
+                                          const float* sin, int lane) {
+  for (int64_t d = lane; d < dim; d += 32) acc[d] += a * rotated_element(x, d, dim, cos, sin);
+}
+
 // The rotary's transpose applied to a float32 row in shared memory, written to `out` (lane-strided).
 template <typename T>
 __device__ __forceinline__ void store_unrotated(T* out, const float* g, int64_t dim, float scale, const float* cos,
@@ -124,9 +141,7 @@ __global__ void attention_forward_general(AttentionForwardParams p, int64_t nq, 
     const T* k = static_cast<const T*>(p.k) + j * p.k_row_stride + kv_head * p.k_head_stride;
     const float* k_cos = rotary_row(r.cos, r.k_positions, j, r, D);
     const float* k_sin = rotary_row(r.sin, r.k_positions, j, r, D);
-    float s = 0.f;
-    for (int64_t d = lane; d < D; d += 32) s += q_row[d] * rotated_element(k, d, D, k_cos, k_sin);
-    s = warp_sum(s);
+    const float s = warp_dot(q_row, k, D, k_cos, k_sin, lane);
     const float m_new = fmaxf(m, s);
     const float ref = m_new == -INFINITY ? 0.f : m_new;
     const float alpha = exp2f(m - ref), prob = exp2f(s - ref);
@@ -188,13 +203,10 @@ __global__ void attention_backward_dq_general(AttentionBackwardParams p, int64_t
     const T* v = static_cast<const T*>(p.v) + j * p.v_row_stride + kv_head * p.v_head_stride;
     const float* k_cos = rotary_row(r.cos, r.k_positions, j, r, D);
     const float* k_sin = rotary_row(r.sin, r.k_positions, j, r, D);
-    float s = 0.f, dp = 0.f;
-    for (int64_t d = lane; d < D; d += 32) s += q_row[d] * rotated_element(k, d, D, k_cos, k_sin);
-    for (int64_t d = lane; d < Dv; d += 32) dp += go_row[d] * load_float(v[d]);
-    s = warp_sum(s);
-    dp = warp_sum(dp);
+    const float s = warp_dot(q_row, k, D, k_cos, k_sin, lane);
+    const float dp = warp_dot<T>(go_row, v, Dv, nullptr, nullptr, lane);
     const float ds = exp2f(s * scale_log2 - lse_log2) * (dp - row_delta);
-    for (int64_t d = lane; d < D; d += 32) dq[d] += ds * rotated_element(k, d, D, k_cos, k_sin);
+    warp_axpy(dq, ds, k, D, k_cos, k_sin, lane);
   }
   __syncwarp();  // the transpose of the rotary reads the other half of the row
   store_unrotated(static_cast<T*>(p.grad_q) + item * D, dq, D, p.softmax_scale, q_cos, q_sin, lane);
@@ -233,16 +245,13 @@ __global__ void attention_backward_dkdv_general(AttentionBackwardParams p, int64
       const T* go = static_cast<const T*>(p.grad_out) + (i * p.num_q_heads + head) * Dv;
       const float* q_cos = rotary_row(r.cos, r.q_positions, i, r, D);
       const float* q_sin = rotary_row(r.sin, r.q_positions, i, r, D);
-      float s = 0.f, dp = 0.f;
-      for (int64_t d = lane; d < D; d += 32) s += k_row[d] * rotated_element(q, d, D, q_cos, q_sin);
-      for (int64_t d = lane; d < Dv; d += 32) dp += v_row[d] * load_float(go[d]);
-      s = warp_sum(s);
-      dp = warp_sum(dp);
+      const float s = warp_dot(k_row, q, D, q_cos, q_sin, lane);
+      const float dp = warp_dot<T>(v_row, go, Dv, nullptr, nullptr, lane);
       const int64_t q_item = i * p.num_q_heads + head;
       const float prob = exp2f(s * scale_log2 - p.lse[q_item] * kLog2e);
       const float ds = prob * (dp - delta[q_item]);
-      for (int64_t d = lane; d < Dv; d += 32) dv[d] += prob * load_float(go[d]);
-      for (int64_t d = lane; d < D; d += 32) dk[d] += ds * rotated_element(q, d, D, q_cos, q_sin);
+      warp_axpy<T>(dv, prob, go, Dv, nullptr, nullptr, lane);
+      warp_axpy(dk, ds, q, D, q_cos, q_sin, lane);
     }
   }
   __syncwarp();
