@@ -8,11 +8,12 @@
 namespace sharedllm::binding {
 namespace {
 
-void check_cuda_head_dims(const Tensor& q, const Tensor& v) {
-  SHAREDLLM_CHECK(q.size(2) + v.size(2) <= cuda::kMaxHeadDims,
-                    "the CUDA cross_inject_attention takes head dims with q.shape[2] + v.shape[2] <= ",
-                    cuda::kMaxHeadDims, ", got ", q.size(2), " + ", v.size(2),
-                    "; use backend='triton' or backend='reference'");
+// Called from the launchers, after the shared checks have validated the shapes.
+void check_cuda_head_dims(const AttentionParams& p) {
+  SHAREDLLM_CHECK(p.head_dim + p.v_dim <= cuda::kMaxHeadDims,
+                  "the CUDA cross_inject_attention takes head dims with q.shape[2] + v.shape[2] <= ",
+                  cuda::kMaxHeadDims, ", got ", p.head_dim, " + ", p.v_dim,
+                  "; use backend='triton' or backend='reference'");
 }
 
 }  // namespace
@@ -23,11 +24,11 @@ std::tuple<Tensor, Tensor> cross_inject_attention_cuda(
     const std::optional<Tensor>& k_positions, const std::optional<Tensor>& rotary_cos,
     const std::optional<Tensor>& rotary_sin) {
   const DeviceGuard guard = device_guard(q);
-  check_cuda_head_dims(q, v);
   const int64_t nq = q.size(0), nk = k.size(0);
   return run_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, q_positions, k_positions,
                                rotary_cos, rotary_sin, !capturing_graph(q),
                                [&](auto tag, const AttentionForwardParams& p) {
+                                 check_cuda_head_dims(p);
                                  cuda::cross_inject_attention_forward<typename decltype(tag)::type>(
                                      p, nq, nk, current_stream(q));
                                });
@@ -40,12 +41,12 @@ std::tuple<Tensor, Tensor, Tensor> cross_inject_attention_backward_cuda(
     const std::optional<Tensor>& k_positions, const std::optional<Tensor>& rotary_cos,
     const std::optional<Tensor>& rotary_sin) {
   const DeviceGuard guard = device_guard(q);
-  check_cuda_head_dims(q, v);
   const int64_t nq = q.size(0), nk = k.size(0);
   Tensor delta;  // float32 [Nq, Hq] scratch
   return run_attention_backward(
       grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, q_positions, k_positions,
       rotary_cos, rotary_sin, !capturing_graph(q), [&](auto tag, const AttentionBackwardParams& p) {
+        check_cuda_head_dims(p);
         delta = new_tensor({nq, q.size(1)}, ScalarType::Float, q);
         cuda::cross_inject_attention_backward<typename decltype(tag)::type>(p, nq, nk, ptr<float>(delta),
                                                                              current_stream(q));
