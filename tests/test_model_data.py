@@ -318,14 +318,14 @@ def test_the_shipped_injector_loads_and_changes_smollm2():
     from sharedllm_ops.model.pretrained import shipped_injector
 
     folder = shipped_injector()
-    assert folder is not None and (folder / "sharedllm_injector.safetensors").stat().st_size < 8e6
+    assert folder is not None and (folder / "sharedllm_injector.safetensors").stat().st_size < 16e6
     assert json.loads((folder / "train_config.json").read_text())["steps"] > 0
     base, tokenizer = load_base_model()
     model = SharedLLMForCausalLM.from_pretrained(folder, base).eval()
     try:
         assert model.config.injection == "residual" and model.config.tokens_per_node == 32
-        o_c = model.cross_blocks["0"].o_c.weight
-        assert float(o_c.abs().max()) > 0  # trained away from the zero initialisation
+        for block in model.cross_blocks.values():
+            assert float(block.o_c.weight.abs().max()) > 0  # trained away from the zero initialisation
         ids = torch.tensor(tokenizer("def f(x):\n    return x + 1\n" * 40)["input_ids"])
         with torch.no_grad():
             plain = base(ids[None, -32:]).logits
