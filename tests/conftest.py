@@ -47,10 +47,7 @@ def requires_triton(op: str):
     if not _triton.has_op(op):
         reason = f"the Triton kernel of {op} is not available: {_triton.unavailable_reason(op)}"
     elif not _triton.runs_on(torch.device("cpu")):
-        reason = (
-            f"the Triton kernel of {op} runs on CPU tensors only with TRITON_INTERPRET=1 "
-            f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r})"
-        )
+        reason = f"the Triton kernel of {op} cannot run on CPU tensors here: {_triton.cpu_unavailable_reason()}"
     else:
         reason = ""
     return pytest.mark.skipif(bool(reason), reason=reason)

@@ -161,6 +161,26 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_value_error(op, monkeypa
         _calls("triton")[op]()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize(("triton_version", "numpy_version", "broken"), [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.5.0", False), ("3.8.0", "2.4.0rc1", False),
+])
+def test_triton_interpreter_with_an_incompatible_numpy_is_named(triton_version, numpy_version, broken, monkeypatch):
+    """triton < 3.7's interpreter fails with numpy >= 2.4 (measured: triton 3.6.0 of torch 2.11 with
+    numpy 2.4.6): the CPU path is then unavailable with the fix in the message, not a bare TypeError."""
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setattr(_triton, "_registered", set(OPS))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _triton.runs_on(torch.device("cpu")) is not broken
+    if broken:
+        with pytest.raises(ValueError, match=r"backend='triton'.*triton 3\.6\.0.*numpy 2\.4\.6.*numpy<2\.4"):
+            _calls("triton")["chunk_pool"]()
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_triton_backend_without_kernel_names_the_op(op, monkeypatch):
     monkeypatch.setattr(_triton, "_registered", {o for o in OPS if o != op})

@@ -46,9 +46,36 @@ def has_op(op: str) -> bool:
     return op in _registered
 
 
+def _interpreter_broken() -> str | None:
+    """Why Triton's interpreter cannot run our kernels here, or None. Triton < 3.7 converts loaded
+    scalars with ``int(array)``, which NumPy >= 2.4 rejects for 1-element arrays (triton-lang/triton
+    issue 9171): every kernel with a data-dependent loop bound would fail with a bare TypeError."""
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+
+    def version(module) -> tuple[int, int]:
+        major, minor = module.__version__.split(".")[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+    if version(triton) < (3, 7) and version(numpy) >= (2, 4):
+        return (f"Triton's CPU interpreter in triton {triton.__version__} does not work with numpy "
+                f"{numpy.__version__}: install numpy<2.4 or triton>=3.7")
+    return None
+
+
+def cpu_unavailable_reason() -> str | None:
+    """Why the Triton kernels cannot run on CPU tensors here, or None when they can (interpreter)."""
+    if not interpreting():
+        return f"Triton runs on CPU tensors only with TRITON_INTERPRET=1 (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r})"
+    return _interpreter_broken()
+
+
 def runs_on(device: torch.device) -> bool:
-    """Triton launches on CUDA tensors, and on CPU tensors only under the interpreter."""
-    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+    """Triton launches on CUDA tensors, and on CPU tensors only under a working interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_unavailable_reason() is None)
 
 
 def unavailable_reason(op: str) -> str:

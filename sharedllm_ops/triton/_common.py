@@ -15,13 +15,14 @@ def next_pow2(n: int) -> int:
 def check_launch(name: str, *tensors: torch.Tensor) -> None:
     """Triton runs on CUDA tensors, or on CPU tensors under the interpreter; anything else is an error
     naming the tensor, not a crash inside the launcher."""
-    from . import runs_on
+    from . import cpu_unavailable_reason, runs_on
 
     for t in tensors:
         if t is not None and not runs_on(t.device):
+            why = cpu_unavailable_reason() if t.device.type == "cpu" else None
             raise ValueError(
                 f"the Triton kernel of {name} runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), "
-                f"got tensors on {t.device}"
+                f"got tensors on {t.device}" + (f": {why}" if why else "")
             )
 
 
