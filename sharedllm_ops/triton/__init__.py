@@ -56,10 +56,12 @@ def _interpreter_broken() -> str | None:
     except ImportError:
         return None
 
-    def version(module) -> tuple[int, int]:
-        major, minor = module.__version__.split(".")[:2]
-        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+    def version(module) -> tuple[int, int]:  # "3.6.0+git...", "2.4.0rc1" -> (3, 6), (2, 4)
+        parts = [int("".join(ch for ch in part if ch.isdigit()) or 0) for part in module.__version__.split(".")[:2]]
+        return tuple(parts + [0] * (2 - len(parts)))
 
+    if not (triton.__version__[:1].isdigit() and numpy.__version__[:1].isdigit()):
+        return None  # a version we cannot read: do not guess
     if version(triton) < (3, 7) and version(numpy) >= (2, 4):
         return (f"Triton's CPU interpreter in triton {triton.__version__} does not work with numpy "
                 f"{numpy.__version__}: install numpy<2.4 or triton>=3.7")
