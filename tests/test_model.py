@@ -681,6 +681,25 @@ def test_save_load_round_trip_cross_blocks_only(tmp_path):
         close(loaded(x, context_input_ids=ctx).logits, model(x, context_input_ids=ctx).logits, atol=0, rtol=0)
 
 
+def test_save_pretrained_in_bfloat16_halves_the_file_and_reloads_the_rounded_weights(tmp_path):
+    model, _ = wrap(num_injected_layers=2, chunk_size=16, tree_depth=2, tokens_per_node=3, cross_init="random")
+    _perturb(model.cross_blocks.parameters())
+    model.save_pretrained(tmp_path / "f32")
+    model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "bf16" / WEIGHTS_NAME)
+    assert stored and all(v.dtype == torch.bfloat16 for v in stored.values())
+    sizes = [os.path.getsize(tmp_path / d / WEIGHTS_NAME) for d in ("f32", "bf16")]
+    assert sizes[1] < 0.6 * sizes[0], sizes
+    loaded = SharedLLMForCausalLM.from_pretrained(tmp_path / "bf16", make_base()).eval()
+    for k, v in model.injector_state_dict().items():
+        got = loaded.injector_state_dict()[k]
+        assert got.dtype == v.dtype and torch.equal(got, v.to(torch.bfloat16).to(v.dtype)), k
+    with pytest.raises(ValueError, match="dtype"):
+        model.save_pretrained(tmp_path / "bad", dtype=torch.int8)
+
+
 def test_save_load_round_trip_with_trained_top_layer(tmp_path):
     model, _ = wrap(num_injected_layers=2, chunk_size=16, tree_depth=2, tokens_per_node=3)
     trainable = model.set_trainable("cross+top", top_layers=1)

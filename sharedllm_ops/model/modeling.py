@@ -286,13 +286,19 @@ class SharedLLMForCausalLM(nn.Module):
                     state["base_model." + k] = v
         return state
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Writes the config and :meth:`injector_state_dict` (safetensors); the base model is not saved."""
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Writes the config and :meth:`injector_state_dict` (safetensors); the base model is not saved.
+
+        ``dtype`` (e.g. ``torch.bfloat16``) stores the floating-point tensors in that dtype, to ship a
+        float32-trained injector at half the size; :meth:`from_pretrained` casts them back to the model's."""
         from safetensors.torch import save_file
 
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
         os.makedirs(path, exist_ok=True)
         self.config.save(path)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.injector_state_dict().items()}
+        tensors = {k: v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous().cpu()
+                   for k, v in self.injector_state_dict().items()}
         meta = {"trained_base_layers": ",".join(map(str, self._trained_base_layers))}
         save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata=meta)
 
