@@ -6,6 +6,7 @@ lookup that ``torch.compile`` can trace.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import warnings
@@ -29,9 +30,13 @@ def _read_build_meta() -> dict:
 build_meta = _read_build_meta()
 
 
-def _torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split("+")[0].split(".")[:2]
-    return int(major), int(minor)
+def major_minor(version: str) -> tuple[int, int] | None:
+    """``(major, minor)`` of a version such as "2.14.1+cu130", "3.6.0+git1a2b" or "2.4rc1"; None when
+    it does not start with a number."""
+    parts = ["".join(itertools.takewhile(str.isdigit, part)) for part in version.split("+")[0].split(".")[:2]]
+    if not parts[0]:
+        return None
+    return int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1] else 0
 
 
 def _cuda_major(version: str | None) -> str | None:
@@ -60,7 +65,7 @@ try:
     from . import _C  # noqa: F401  (registers torch.ops.sharedllm.*)
 except ImportError as exc:  # not built, built for a CUDA this torch does not ship, or torch < 2.10
     load_error = f"{type(exc).__name__}: {exc}"
-    too_old = "" if _torch_version() >= MIN_TORCH else f" The extension needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}."
+    too_old = "" if (major_minor(torch.__version__) or (0, 0)) >= MIN_TORCH else f" The extension needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}."
     warnings.warn(
         f"sharedllm_ops: the compiled extension sharedllm_ops._C could not be loaded ({load_error}). "
         f"Built: {_built_for()}. Installed: {_installed()}.{too_old} "

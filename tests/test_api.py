@@ -168,17 +168,21 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_value_error(op, monkeypa
 def test_triton_interpreter_with_an_incompatible_numpy_is_named(triton_version, numpy_version, broken, monkeypatch):
     """triton < 3.7's interpreter fails with numpy >= 2.4 (measured: triton 3.6.0 of torch 2.11 with
     numpy 2.4.6): the CPU path is then unavailable with the fix in the message, not a bare TypeError."""
-    import numpy
-    import triton
-
-    monkeypatch.setattr(triton, "__version__", triton_version)
-    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setattr(_triton, "_interpreter_problem", _triton.interpreter_problem(triton_version, numpy_version))
     monkeypatch.setattr(_triton, "_registered", set(OPS))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert _triton.runs_on(torch.device("cpu")) is not broken
     if broken:
         with pytest.raises(ValueError, match=r"backend='triton'.*triton 3\.6\.0.*numpy 2\.4\.6.*numpy<2\.4"):
             _calls("triton")["chunk_pool"]()
+
+
+@pytest.mark.parametrize(("version", "expected"), [
+    ("2.14.1+cu130", (2, 14)), ("3.6.0+git1a2b", (3, 6)), ("2.4.0rc1", (2, 4)), ("3.6rc1", (3, 6)), ("3", (3, 0)),
+    ("2.15.0a0+gitabc", (2, 15)), ("weird", None), ("", None),
+])
+def test_major_minor_reads_release_local_and_prerelease_versions(version, expected):
+    assert _ext.major_minor(version) == expected
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -49,11 +49,7 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
         if not _triton.has_op(op):
             raise RuntimeError(f"backend='triton' is not available for {op}: {_triton.unavailable_reason(op)}")
         if not _triton.runs_on(device):
-            why = _triton.cpu_unavailable_reason() if device.type == "cpu" else None
-            raise ValueError(
-                f"backend='triton' runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"
-                + (f": {why}" if why else "")
-            )
+            raise ValueError(f"backend='triton' {_triton.launch_error(device)}")
         return "triton"
     # auto
     if device.type == "cpu":

@@ -15,6 +15,7 @@ import torch
 OPS = ("chunk_pool", "tree_topk", "cross_inject_attention")
 _registered: set[str] = set()
 _import_error: str | None = None
+_interpreter_problem: str | None = None  # set once below: the versions do not change while running
 
 
 def interpreting() -> bool:
@@ -46,33 +47,44 @@ def has_op(op: str) -> bool:
     return op in _registered
 
 
-def _interpreter_broken() -> str | None:
-    """Why Triton's interpreter cannot run our kernels here, or None. Triton < 3.7 converts loaded
-    scalars with ``int(array)``, which NumPy >= 2.4 rejects for 1-element arrays (triton-lang/triton
-    issue 9171): every kernel with a data-dependent loop bound would fail with a bare TypeError."""
-    try:
-        import numpy
-        import triton
-    except ImportError:
-        return None
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run our kernels with these versions, or None. Triton < 3.7
+    converts loaded scalars with ``int(array)``, which NumPy >= 2.4 rejects for 1-element arrays
+    (triton-lang/triton issue 9171): every kernel with a data-dependent loop bound would fail with a
+    bare TypeError."""
+    from .._ext import major_minor
 
-    def version(module) -> tuple[int, int]:  # "3.6.0+git...", "2.4.0rc1" -> (3, 6), (2, 4)
-        parts = [int("".join(ch for ch in part if ch.isdigit()) or 0) for part in module.__version__.split(".")[:2]]
-        return tuple(parts + [0] * (2 - len(parts)))
-
-    if not (triton.__version__[:1].isdigit() and numpy.__version__[:1].isdigit()):
+    triton_mm, numpy_mm = major_minor(triton_version), major_minor(numpy_version)
+    if triton_mm is None or numpy_mm is None:
         return None  # a version we cannot read: do not guess
-    if version(triton) < (3, 7) and version(numpy) >= (2, 4):
-        return (f"Triton's CPU interpreter in triton {triton.__version__} does not work with numpy "
-                f"{numpy.__version__}: install numpy<2.4 or triton>=3.7")
+    if triton_mm < (3, 7) and numpy_mm >= (2, 4):
+        return (f"Triton's CPU interpreter in triton {triton_version} does not work with numpy "
+                f"{numpy_version}: install numpy<2.4 or triton>=3.7")
     return None
+
+
+try:
+    import numpy
+    import triton
+except Exception:  # noqa: BLE001 - a failed Triton import is recorded in _import_error above
+    pass
+else:
+    _interpreter_problem = interpreter_problem(triton.__version__, numpy.__version__)
 
 
 def cpu_unavailable_reason() -> str | None:
     """Why the Triton kernels cannot run on CPU tensors here, or None when they can (interpreter)."""
     if not interpreting():
         return f"Triton runs on CPU tensors only with TRITON_INTERPRET=1 (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r})"
-    return _interpreter_broken()
+    return _interpreter_problem
+
+
+def launch_error(device: torch.device) -> str:
+    """The end of the error for tensors on ``device`` that Triton cannot launch on: where it runs,
+    and on CPU why not here."""
+    why = cpu_unavailable_reason() if device.type == "cpu" else None
+    return (f"runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"
+            + (f": {why}" if why else ""))
 
 
 def runs_on(device: torch.device) -> bool:

@@ -15,15 +15,11 @@ def next_pow2(n: int) -> int:
 def check_launch(name: str, *tensors: torch.Tensor) -> None:
     """Triton runs on CUDA tensors, or on CPU tensors under the interpreter; anything else is an error
     naming the tensor, not a crash inside the launcher."""
-    from . import cpu_unavailable_reason, runs_on
+    from . import launch_error, runs_on
 
     for t in tensors:
         if t is not None and not runs_on(t.device):
-            why = cpu_unavailable_reason() if t.device.type == "cpu" else None
-            raise ValueError(
-                f"the Triton kernel of {name} runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), "
-                f"got tensors on {t.device}" + (f": {why}" if why else "")
-            )
+            raise ValueError(f"the Triton kernel of {name} {launch_error(t.device)}")
 
 
 def check_cu_seqlens_values(cu: torch.Tensor, total: int, name: str, total_name: str) -> None:
