@@ -76,7 +76,7 @@ def _extensions():
         and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
     )
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = [s for s in rel("python/*.cpp") if not s.endswith("_cuda.cpp")] + rel("csrc/cpu/*.cpp")
+    sources = [s for s in rel("csrc/torch/*.cpp") if not s.endswith("_cuda.cpp")] + rel("csrc/cpu/*.cpp")
     torch_version = torch.__version__.split("+")[0]
     macros = [
         ("SHAREDLLM_TORCH_VERSION", f'"{torch_version}"'),
@@ -94,7 +94,7 @@ def _extensions():
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", f"--threads={os.environ.get('NVCC_THREADS', '2')}"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if with_cuda:
-        sources += rel("python/*_cuda.cpp") + rel("csrc/cuda/*.cu")
+        sources += rel("csrc/torch/*_cuda.cpp") + rel("csrc/cuda/*.cu")
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS  # no GPU to take the archs from
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")

@@ -1,5 +1,5 @@
 """Model prefill: SharedLLM against full attention, a streaming baseline and an encoder-decoder
-baseline, at growing context lengths (``sharedllm_ops.model.baselines`` has the four methods).
+baseline, at growing context lengths (``bench/baselines.py`` has the four methods).
 
 Each case reads a context of ``Lc`` tokens followed by ``Ld`` decoder tokens (batch 1, random token
 ids), keeps what the method keeps for generation, and returns the logits of the last decoder position:
@@ -60,8 +60,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from sharedllm_ops.model import baselines as B
-
+from . import baselines as B
 from .conftest import dtype_name
 
 # SharedLLM last: its ratios need the baselines' medians of the same run

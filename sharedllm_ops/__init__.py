@@ -1,6 +1,6 @@
 """sharedllm_ops: kernels and a reference model for SharedLLM.
 
-The ops (DESIGN section 3) take ``backend="auto" | "reference" | "cpp" | "cuda" | "triton"``::
+The ops (docs/DESIGN.md section 3) take ``backend="auto" | "reference" | "cpp" | "cuda" | "triton"``::
 
     import sharedllm_ops as so
     pooled = so.chunk_pool(x, cu_seqlens, tokens_per_node=32)
@@ -12,16 +12,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import torch
+
+# the backends declare themselves to sharedllm_ops.core.dispatch as they are imported
 from . import _ext, reference
+from . import triton as _triton
 from .ops import BACKENDS, chunk_pool, cross_inject_attention, merge_attention, tree_spans, tree_topk
 
 
 def build_info() -> dict:
     """What was compiled (torch, CUDA version, archs) and which backends can run now."""
-    import torch
-
-    from . import triton as _triton
-
     compiled = _ext.compiled_build_info()
     cuda_now = torch.cuda.is_available()
     return {

@@ -1,4 +1,6 @@
-"""Loads the compiled extension (``sharedllm_ops._C``) once and records what it provides.
+"""Loads the compiled extension (``sharedllm_ops._C``) once, records what it provides, registers the
+fake kernels and autograd of its ops, and declares its backends (``cpp``, ``cuda``) to dispatch,
+with the CUDA kernels' limits as the extension reports them.
 
 Everything here is computed at import time, so that backend dispatch stays a plain Python
 lookup that ``torch.compile`` can trace.
@@ -6,14 +8,15 @@ lookup that ``torch.compile`` can trace.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import warnings
 
 import torch
 
-OPS = ("chunk_pool", "tree_topk", "cross_inject_attention")
+from .core import registration
+from .core.dispatch import OPS, Backend, Problem, register_backend
+from .core.versions import major_minor
 MIN_TORCH = (2, 10)  # the stable-ABI target the extension is compiled for
 
 
@@ -28,15 +31,6 @@ def _read_build_meta() -> dict:
 
 
 build_meta = _read_build_meta()
-
-
-def major_minor(version: str) -> tuple[int, int] | None:
-    """``(major, minor)`` of a version such as "2.14.1+cu130", "3.6.0+git1a2b" or "2.4rc1"; None when
-    it does not start with a number."""
-    parts = ["".join(itertools.takewhile(str.isdigit, part)) for part in version.split("+")[0].split(".")[:2]]
-    if not parts[0]:
-        return None
-    return int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1] else 0
 
 
 def _cuda_major(version: str | None) -> str | None:
@@ -102,3 +96,62 @@ def compiled_build_info() -> dict[str, str]:
         return {}
     text = torch.ops.sharedllm.build_info()
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def _limit(key: str) -> int | None:
+    value = compiled_build_info().get(key)
+    return int(value) if value else None
+
+
+# the CUDA kernels' limits, as compiled (None: an extension too old to say, or none loaded)
+CUDA_TREE_TOPK_MAX_NODES = _limit("cuda_tree_topk_max_nodes")
+CUDA_ATTENTION_MAX_HEAD_DIMS = _limit("cuda_attention_max_head_dims")
+
+
+def _missing_extension_reason() -> str:
+    if loaded:
+        return "the extension has no kernel for this op"
+    return f"the compiled extension is not loaded ({load_error})"
+
+
+def _cpp_problem(op: str, device: torch.device) -> Problem | None:
+    if device.type != "cpu":
+        return Problem(ValueError, f"runs on CPU tensors, got tensors on {device}")
+    if not compiled_kernels[op]["cpu"]:
+        return Problem(RuntimeError, f"is not available: {_missing_extension_reason()}")
+    return None
+
+
+def _cuda_problem(op: str, device: torch.device) -> Problem | None:
+    if device.type != "cuda":
+        return Problem(ValueError, f"runs on CUDA tensors, got tensors on {device}")
+    if not compiled_kernels[op]["cuda"]:
+        return Problem(RuntimeError, f"is not available for {op}: this build has no CUDA kernel for it")
+    return None
+
+
+def _cpp_supports(op: str, args: dict) -> str | None:
+    return None  # the C++ kernels take every valid call
+
+
+def _cuda_supports(op: str, args: dict) -> str | None:
+    """The CUDA tree_topk keeps a chunk's node scores in shared memory; the general path of the CUDA
+    attention stages float32 rows of q and v per warp in shared memory."""
+    if op == "tree_topk" and CUDA_TREE_TOPK_MAX_NODES is not None:
+        nodes = args["node_emb"].shape[2]
+        if nodes > CUDA_TREE_TOPK_MAX_NODES:
+            return f"the CUDA kernel takes trees of up to {CUDA_TREE_TOPK_MAX_NODES} nodes, got {nodes}"
+    if op == "cross_inject_attention" and CUDA_ATTENTION_MAX_HEAD_DIMS is not None:
+        head_dims = args["q"].shape[2] + args["v"].shape[2]
+        if head_dims > CUDA_ATTENTION_MAX_HEAD_DIMS:
+            return (f"the CUDA kernel takes head dims with q.shape[2] + v.shape[2] <= {CUDA_ATTENTION_MAX_HEAD_DIMS}, "
+                    f"got {head_dims}")
+    return None
+
+
+register_backend(Backend("cpp", _cpp_problem, _cpp_supports))
+register_backend(Backend("cuda", _cuda_problem, _cuda_supports))
+if loaded:
+    registration.register_chunk_pool("sharedllm")
+    registration.register_tree_topk("sharedllm")
+    registration.register_cross_inject_attention("sharedllm")

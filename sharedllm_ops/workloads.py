@@ -1,4 +1,5 @@
-"""Realistic SharedLLM op inputs and the PyTorch peer, shared by the demo, the benchmarks and the tests.
+"""Realistic SharedLLM op inputs and the PyTorch peer, shared by the kernel check
+(``sharedllm-ops ops``), the benchmarks and the tests.
 
 Every random builder draws on CPU from its own ``torch.Generator`` (seeded with ``seed``, or the
 ``generator`` passed in) and then moves the result to ``device``, so the same arguments give the

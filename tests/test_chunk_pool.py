@@ -1,4 +1,4 @@
-"""chunk_pool (DESIGN 3.1): reference vs independent formulations, C++ and Triton vs reference,
+"""chunk_pool (docs/DESIGN.md section 3.1): reference vs independent formulations, C++ and Triton vs reference,
 gradients, opcheck and input validation."""
 
 import re
@@ -90,13 +90,23 @@ def test_reference_first_matches_authors_decimation(P):
         assert torch.equal(out[s * P : (s + 1) * P], seg[list(range(0, L, L // P))])
 
 
-def test_reference_pool_window_formula():
+def test_reference_pool_window_is_torchs_adaptive_window():
+    """Against two other formulations: the windows torch's adaptive max pooling picks (its index of
+    the max of an increasing ramp is the window's last row, of a decreasing ramp its first), and the
+    order definition of floor and ceil (the last start with start*P <= j*L, the first end with
+    end*P >= (j+1)*L), which also covers an empty segment."""
     for L in range(0, 20):
         for P in range(1, 9):
+            if L > 0:
+                ramp = torch.arange(L, dtype=torch.float64).reshape(1, 1, L)
+                last_rows = F.adaptive_max_pool1d(ramp, P, return_indices=True)[1].flatten().tolist()
+                first_rows = F.adaptive_max_pool1d(-ramp, P, return_indices=True)[1].flatten().tolist()
             for j in range(P):
                 start, end = R.pool_window(j, L, P)
-                assert start == (j * L) // P
-                assert end == -(-((j + 1) * L) // P)  # ceil
+                assert start == max(s for s in range(L + 1) if s * P <= j * L), (j, L, P)
+                assert end == min(e for e in range(L + 1) if e * P >= (j + 1) * L), (j, L, P)
+                if L > 0:
+                    assert (start, end - 1) == (first_rows[j], last_rows[j]), (j, L, P)
 
 
 def test_reference_hand_computed():
@@ -147,18 +157,20 @@ def test_cpp_transposed_input(mode):
     "backend", [pytest.param("cpp", marks=requires_ext), "reference", pytest.param("triton", marks=TRITON)]
 )
 def test_noncontiguous_cu_seqlens(backend):
+    """A strided cu_seqlens, against torch's adaptive average pooling of each segment (forward and
+    gradient: the backward kernel reads cu_seqlens too)."""
     cu = cu_seqlens(LENGTHS)
     strided = torch.stack((cu, torch.full_like(cu, -1)), dim=1).flatten()[::2]
     assert not strided.is_contiguous() and torch.equal(strided, cu)
     x = torch.randn(int(cu[-1]), 2, 8)
-    assert_close(so.chunk_pool(x, strided, 4, backend=backend), R.chunk_pool(x, cu, 4))
-    # and the gradient (the backward kernel reads cu_seqlens too)
-    grads = []
-    for bk, c in ((backend, strided), ("reference", cu)):
-        xr = x.clone().requires_grad_()
-        out = so.chunk_pool(xr, c, 4, backend=bk)
-        grads.append(torch.autograd.grad(out, xr, torch.linspace(-1, 1, out.numel()).reshape(out.shape))[0])
-    assert_close(grads[0], grads[1])
+    grad_out = torch.linspace(-1, 1, len(LENGTHS) * 4 * 2 * 8).reshape(len(LENGTHS) * 4, 2, 8)
+    x_got, x_expected = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = so.chunk_pool(x_got, strided, 4, backend=backend)
+    expected = torch.cat([_adaptive_mean(seg, 4) for seg in _segments(x_expected, cu)])
+    assert_close(got, expected)
+    (grad_got,) = torch.autograd.grad(got, x_got, grad_out)
+    (grad_expected,) = torch.autograd.grad(expected, x_expected, grad_out)
+    assert_close(grad_got, grad_expected)
 
 
 @requires_ext
@@ -212,6 +224,7 @@ def test_degenerate_shapes(backend, mode):
 def test_auto_backend_is_cpp_on_cpu():
     cu = cu_seqlens(LENGTHS)
     x = torch.randn(int(cu[-1]), 2, 8)
+    assert so.ops.resolve_backend("chunk_pool", "auto", x.device, dict(x=x)) == "cpp"
     assert torch.equal(so.chunk_pool(x, cu, 4), so.chunk_pool(x, cu, 4, backend="cpp"))
 
 
@@ -501,11 +514,12 @@ def test_triton_long_segments_exact_in_fp32():
 @TRITON
 def test_auto_prefers_cpp_over_triton_on_cpu():
     """Under the interpreter Triton could run on CPU tensors, but auto still picks the C++ kernel."""
-    from sharedllm_ops.ops._dispatch import resolve_backend
+    from sharedllm_ops.core.dispatch import resolve_backend
 
     assert resolve_backend("chunk_pool", "auto", torch.device("cpu")) == "cpp"
     cu = cu_seqlens(LENGTHS)
     x = torch.randn(int(cu[-1]), 2, 8)
+    assert so.ops.resolve_backend("chunk_pool", "auto", x.device, dict(x=x)) == "cpp"
     assert torch.equal(so.chunk_pool(x, cu, 4), so.chunk_pool(x, cu, 4, backend="cpp"))
 
 

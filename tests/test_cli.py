@@ -6,8 +6,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from conftest import requires_smollm2
 
+import sharedllm_ops.cli as cli
 from sharedllm_ops.cli import main
+from sharedllm_ops.cli.kernel_check import run_kernel_check
+from sharedllm_ops.dtypes import DTYPES
 
 OPS = ("chunk_pool", "tree_topk", "cross_inject_attention", "merge_attention")
 
@@ -27,12 +32,12 @@ def test_info_json_is_build_info(capsys):
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(sharedllm_ops.build_info()))
 
 
-def test_demo_quick_agrees_with_the_reference(capsys):
+def test_ops_quick_agrees_with_the_reference(capsys):
     assert main(["ops", "--quick"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(OPS)]
     for op in OPS:
-        assert any(row.startswith(op) for row in rows), f"{op} missing from the demo table:\n{out}"
+        assert any(row.startswith(op) for row in rows), f"{op} missing from the kernel check's table:\n{out}"
     # every row's error column: a number like 2.38e-07
     errors = [float(m.group(0)) for row in rows for m in [re.search(r"\s(\d\.\d\de[+-]\d\d)\b", row)] if m]
     assert len(errors) == len(rows) >= len(OPS)
@@ -46,11 +51,35 @@ def test_bad_arguments_exit_with_usage():
     assert exc.value.code == 2
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_ops_on_cuda_without_a_device_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["ops", "--device", "cuda"])
+    assert exc.value.code == 2 and "torch sees no CUDA device" in capsys.readouterr().err
+
+
 def test_python_dash_m_runs_the_cli():
     command = [sys.executable, "-m", "sharedllm_ops", "info"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "cross_inject_attention" in result.stdout
+
+
+def test_info_does_not_load_transformers():
+    """The model commands' bodies (and transformers, seconds to import) load only when one runs."""
+    code = "import sys; from sharedllm_ops.cli import main; main(['info']); print('transformers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False"
+
+
+def test_old_names_of_the_cli_module_warn_and_point_to_their_new_home():
+    with pytest.warns(DeprecationWarning, match="sharedllm_ops.dtypes.DTYPES"):
+        assert cli.DTYPES is DTYPES
+    with pytest.warns(DeprecationWarning, match="run_kernel_check"):
+        assert cli.run_demo is run_kernel_check
+    with pytest.raises(AttributeError, match="no_such_name"):
+        cli.no_such_name  # noqa: B018
 
 
 def _perplexity_rows(out: str) -> dict[str, float]:
@@ -62,6 +91,7 @@ def _perplexity_rows(out: str) -> dict[str, float]:
     return rows
 
 
+@requires_smollm2
 def test_model_demo_prints_sizes_stages_table_and_continuation(capsys):
     """The real SmolLM2 on a short slice of inspect.py (the full demo takes minutes)."""
     assert main(["demo", "--max-tokens", "640", "--window", "256", "--last", "64", "--chunk-size", "128"]) == 0
@@ -79,6 +109,7 @@ def test_model_demo_prints_sizes_stages_table_and_continuation(capsys):
     assert "greedy continuation" in out
 
 
+@requires_smollm2
 def test_eval_ppl_on_a_text_file(tmp_path, capsys):
     import inspect
 

@@ -1,4 +1,4 @@
-"""cross_inject_attention and merge_attention (DESIGN 3.3): reference vs SDPA / explicit scores,
+"""cross_inject_attention and merge_attention (docs/DESIGN.md section 3.3): reference vs SDPA / explicit scores,
 C++ vs reference over a grid, gradients, opcheck and input validation."""
 
 import math
@@ -156,13 +156,41 @@ def test_reference_softmax_scale():
 
 
 def test_reference_rotary_helpers_match_independent():
+    """apply_rotary against rotations by angles computed from inv_freq; its transpose is the rotation
+    by the opposite angles (the negated positions)."""
     d = 10
     cos, sin = rotary_tables(30, d, dtype=torch.float64)
     x = torch.randn(7, 3, d, dtype=torch.float64)
     pos = torch.randint(0, 30, (7,), dtype=torch.int32)
     torch.testing.assert_close(R.apply_rotary(x, pos, cos, sin), independent_rope(x, pos, d))
-    x1, x2 = x[..., :5], x[..., 5:]
-    assert torch.equal(R.rotate_half(x), torch.cat((-x2, x1), -1))
+    torch.testing.assert_close(R.apply_rotary(x, pos, cos, sin, transpose=True), independent_rope(x, -pos, d))
+    # position 0 is the identity
+    assert_close(R.apply_rotary(x, torch.zeros(7, dtype=torch.int32), cos, sin), x, dict(atol=0, rtol=0))
+
+
+def test_rotary_is_complex_multiplication():
+    """Each pair (x_i, x_{i+D/2}) is the complex number z = x_i + i x_{i+D/2}: rotate_half is z * i, its
+    transpose z * (-i), and the rotation by theta z * e^{i theta} (the inverse z * e^{-i theta}); rotations
+    keep norms and compose by adding their angles."""
+    half = 5
+    x = torch.randn(7, 3, 2 * half, dtype=torch.float64)
+    z = torch.complex(x[..., :half], x[..., half:])
+
+    def pairs(w):
+        return torch.cat((w.real, w.imag), dim=-1)
+
+    def tables(theta):  # both halves of the head dim share the angles (the rotate_half layout)
+        return torch.cat((theta.cos(), theta.cos()), -1), torch.cat((theta.sin(), theta.sin()), -1)
+
+    exact = dict(atol=1e-12, rtol=1e-12)
+    assert_close(R.rotate_half(x), pairs(z * 1j), exact)
+    assert_close(R.rotate_half_transposed(x), pairs(z * -1j), exact)
+    a, b = torch.rand(7, 1, half, dtype=torch.float64) * 7, torch.rand(7, 3, half, dtype=torch.float64) * 7
+    assert_close(R.rotate(x, *tables(a)), pairs(z * torch.polar(torch.ones_like(a), a)), exact)
+    assert_close(R.rotate(x, *tables(a), inverse=True), pairs(z * torch.polar(torch.ones_like(a), -a)), exact)
+    assert_close(R.rotate(x, *tables(a)).norm(dim=-1), x.norm(dim=-1), exact)
+    assert_close(R.rotate(R.rotate(x, *tables(a)), *tables(b)), R.rotate(x, *tables(a + b)), exact)
+    assert_close(R.rotate(R.rotate(x, *tables(a)), *tables(a), inverse=True), x, exact)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_ext), "reference"])
@@ -233,7 +261,7 @@ def test_merge_attention_both_sides_empty_and_symmetric():
 
 
 def test_merge_attention_gradients():
-    """merge_attention is differentiable: against autograd of the explicit formula where lse is finite."""
+    """merge_attention is differentiable: its gradients match finite differences where lse is finite."""
     out_a, out_b = torch.randn(4, 2, 3, dtype=torch.float64), torch.randn(4, 2, 3, dtype=torch.float64)
     lse_a, lse_b = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     inputs = [t.requires_grad_() for t in (out_a, lse_a, out_b, lse_b)]
@@ -317,7 +345,8 @@ def test_cpp_matches_reference(dtype, hq, hk, layout, d, dv, rotary):
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_ext), "reference",
                                      pytest.param("triton", marks=requires_triton("cross_inject_attention"))])
 def test_noncontiguous_index_tensors(backend):
-    """cu_seqlens, positions and rotary tables may be strided views."""
+    """cu_seqlens, positions and rotary tables may be strided views (against float64 SDPA with the
+    rotary computed from angles)."""
     q, k, v, cq, ck, extra = make_inputs(LQ, LK, 4, 2, 16, rotary=True)
     spread = lambda t: torch.stack((t, torch.full_like(t, -7)), dim=1).flatten()[::2]  # noqa: E731
     views = dict(
@@ -330,9 +359,9 @@ def test_noncontiguous_index_tensors(backend):
     cqv, ckv = spread(cq), spread(ck)
     assert not cqv.is_contiguous()
     out, lse = so.cross_inject_attention(q, k, v, cqv, ckv, return_lse=True, backend=backend, **views)
-    ref_out, ref_lse = R.cross_inject_attention(q, k, v, cq, ck, return_lse=True, **extra)
+    ref_out, ref_lse = sdpa_oracle(q, k, v, LQ, LK, extra=extra)
     assert_close(out, ref_out, ATTN_TOL[torch.float32])
-    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -420,6 +449,7 @@ def test_degenerate_shapes(backend):
 @requires_ext
 def test_auto_backend_is_cpp_on_cpu():
     q, k, v, cq, ck, extra = make_inputs(LQ, LK, 4, 2, 16, rotary=True)
+    assert so.ops.resolve_backend("cross_inject_attention", "auto", q.device, dict(q=q, k=k, v=v)) == "cpp"
     assert torch.equal(
         so.cross_inject_attention(q, k, v, cq, ck, **extra),
         so.cross_inject_attention(q, k, v, cq, ck, backend="cpp", **extra),
@@ -695,11 +725,15 @@ ALL_PUBLIC = BAD + META + PUBLIC_ONLY
 
 
 def test_good_arguments_are_good():
+    """The arguments the bad cases start from pass every check and give outputs of the right shape."""
+    calls = [lambda a: _call_public(a, "reference")]
+    if so._ext.loaded:
+        calls += [lambda a: _call_public(a, "cpp"), _call_op]
     for rotary in (False, True):
-        _call_public(_good(rotary), "reference")
-        if so._ext.loaded:
-            _call_public(_good(rotary), "cpp")
-            _call_op(_good(rotary))
+        for call in calls:
+            out, lse = call(_good(rotary))
+            assert out.shape == (NQ, _HQ, _D) and lse.shape == (NQ, _HQ)
+            assert_finite(out)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_ext), "reference"])

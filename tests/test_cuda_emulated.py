@@ -36,7 +36,7 @@ def emulated():
         name="sharedllm_cuda_emulated",
         sources=[os.path.join(emulator, f"harness_{op}.cpp") for op in ("attention", "chunk_pool", "tree_topk")],
         extra_include_paths=[os.path.join(emulator, "include"), os.path.join(ROOT, "csrc", "include"),
-                             os.path.join(ROOT, "python")],
+                             os.path.join(ROOT, "csrc", "torch")],
         extra_cflags=["-O2", "-Wno-unused-function", "-Wno-unknown-pragmas"],
         build_directory=build_dir,
         is_python_module=False,
@@ -182,3 +182,47 @@ def test_tree_topk_matches_reference(emulated, dtype, score, depth, k, b, dim):
     _, ref_scores = so.tree_topk(query, emb, depth, k=k, branching=b, score=score, backend="reference")
     torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
     check_against_brute_force(ids, scores, depth, k, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CUDA kernels' limits that build_info reports to Python's dispatch
+
+
+@pytest.fixture(scope="module")
+def reported_limits():
+    info = so._ext.compiled_build_info()
+    if not info:
+        pytest.skip(f"the compiled extension is not loaded ({so._ext.load_error})")
+    return int(info["cuda_tree_topk_max_nodes"]), int(info["cuda_attention_max_head_dims"])
+
+
+def test_tree_topk_max_nodes_is_the_largest_tree_that_launches(emulated, reported_limits):
+    """The emulator refuses a launch as sm_90 does, past 48 KiB of shared memory per block. A depth-1
+    tree takes any node count: the reported maximum launches and is right, one node more does not."""
+    max_nodes, _ = reported_limits
+    query = torch.randn(1, 8)
+    emb = torch.randn(1, 1, max_nodes, 8)
+    ids, scores = emulated.tree_topk(query, emb, 1, 1, max_nodes, "dot")
+    _, ref_scores = so.tree_topk(query, emb, 1, k=1, branching=max_nodes, score="dot", backend="reference")
+    torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ids[0, 0], torch.arange(max_nodes, dtype=torch.int32))  # depth 1 keeps every node
+    with pytest.raises(RuntimeError, match="tree_topk failed to launch"):
+        emulated.tree_topk(query, torch.randn(1, 1, max_nodes + 1, 8), 1, 1, max_nodes + 1, "dot")
+
+
+def test_attention_max_head_dims_launch_forward_and_backward(emulated, reported_limits):
+    """At the reported D + Dv (float32: the general path, whose per-warp staging the limit bounds)
+    every kernel launches within the emulator's 48 KiB and matches the reference."""
+    _, max_head_dims = reported_limits
+    d = max_head_dims // 2
+    q, k, v, cq, ck, _ = _attention_case([2], [3], 1, 1, d, max_head_dims - d, torch.float32, False)
+    scale = d**-0.5
+    args = (cq, ck, scale, None, None, None, None)
+    out, lse = emulated.cross_inject_attention(q, k, v, *args)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = so.cross_inject_attention(*leaves, cq, ck, softmax_scale=scale, backend="reference")
+    assert_close(out, ref, ATTN_TOL[torch.float32], msg="out")
+    g = torch.randn_like(out)
+    got = emulated.cross_inject_attention_backward(g, None, q, k, v, out, lse, *args)
+    for name, a, b in zip("qkv", got, torch.autograd.grad((ref * g).sum(), leaves)):
+        assert_close(a, b, grad_tol(torch.float32, float(b.abs().max())), msg=f"d{name}")

@@ -156,6 +156,39 @@ def test_tree_topk_cuda_graph_capture():
     check_against_brute_force(ids.cpu(), scores.cpu(), 3, 1, 2)
 
 
+def test_cuda_limits_of_build_info_hold_on_the_gpu():
+    """The limits dispatch reads from build_info: the largest tree and the largest head dims launch
+    and match the reference; one node or one head dim more is refused by the binding with its
+    message, before any launch. (Through torch.ops, so that Python's dispatch does not refuse first.)"""
+    if not (so._ext.compiled_kernels["tree_topk"]["cuda"] and so._ext.compiled_kernels["cross_inject_attention"]["cuda"]):
+        pytest.skip("this build has no CUDA kernels")
+    info = so._ext.compiled_build_info()
+    max_nodes, max_head_dims = int(info["cuda_tree_topk_max_nodes"]), int(info["cuda_attention_max_head_dims"])
+    ops = torch.ops.sharedllm
+    query = torch.randn(2, 64, device=DEV)
+    emb = torch.randn(2, 3, max_nodes, 64, device=DEV)
+    _, scores = ops.tree_topk(query, emb, 1, 1, max_nodes, "cosine")
+    _, ref_scores = so.tree_topk(query, emb, 1, k=1, branching=max_nodes, score="cosine", backend="reference")
+    torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=f"trees of up to {max_nodes} nodes"):
+        ops.tree_topk(query, torch.randn(2, 3, max_nodes + 1, 64, device=DEV), 1, 1, max_nodes + 1, "cosine")
+
+    d = max_head_dims // 2
+    cq, ck = _cu([3, 1]), _cu([5, 2])
+    q = torch.randn(4, 2, d, device=DEV, requires_grad=True)
+    k = torch.randn(7, 1, d, device=DEV, requires_grad=True)
+    v = torch.randn(7, 1, max_head_dims - d, device=DEV, requires_grad=True)
+    out = so.cross_inject_attention(q, k, v, cq, ck, backend="cuda")
+    ref = so.cross_inject_attention(q, k, v, cq, ck, backend="reference")
+    assert_close(out, ref, ATTN_TOL[torch.float32])
+    g = torch.randn_like(out)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert_close(a, b, grad_tol(torch.float32, float(b.abs().max())), msg=f"d{name}")
+    wide_v = torch.randn(7, 1, max_head_dims - d + 1, device=DEV)
+    with pytest.raises(ValueError, match=rf"q.shape\[2\] \+ v.shape\[2\] <= {max_head_dims}"):
+        ops.cross_inject_attention(q.detach(), k.detach(), wide_v, cq, ck, d**-0.5, None, None, None, None)
+
+
 # ---------------------------------------------------------------------------------------------
 # cross_inject_attention
 

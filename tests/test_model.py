@@ -1,12 +1,14 @@
-"""SharedLLMForCausalLM (DESIGN section 5) on tiny random Llama / Mistral / Qwen2 models.
+"""SharedLLMForCausalLM (docs/DESIGN.md section 5) on tiny random Llama / Mistral / Qwen2 models.
 
 Every wrapped model gets its own freshly built base (a base can be wrapped only once); an
 unwrapped deep copy made before wrapping serves as the oracle where the base model's own
 output is expected."""
 
 import copy
+import gc
 import inspect
 import os
+import types
 
 import pytest
 import torch
@@ -19,28 +21,19 @@ from safetensors import safe_open  # noqa: E402
 from transformers import (  # noqa: E402
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
-    MistralConfig,
     MistralForCausalLM,
-    Qwen2Config,
     Qwen2ForCausalLM,
 )
 
 from sharedllm_ops.model import SharedLLMConfig, SharedLLMForCausalLM  # noqa: E402
 from sharedllm_ops.model.modeling import WEIGHTS_NAME  # noqa: E402
+from sharedllm_ops.model.pretrained import tiny_config  # noqa: E402
 
-ARCHS = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-}
-TINY = dict(
-    vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, intermediate_size=128, max_position_embeddings=4096, attn_implementation="sdpa",
-    pad_token_id=0, bos_token_id=2, eos_token_id=1, initializer_range=0.1,
-)
+ARCHS = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
 PAD, EOS = 0, 1
+# the package's tiny shape, with the special tokens the generation tests use and larger initial weights
+TINY = dict(pad_token_id=PAD, bos_token_id=2, eos_token_id=EOS, initializer_range=0.1)
 LOGIT_TOL = dict(atol=2e-5, rtol=1e-5)
 
 
@@ -50,10 +43,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def make_base(arch: str = "llama", seed: int = 0, **overrides) -> nn.Module:
     """A tiny random model of ``arch`` (same weights for the same seed) with random norm weights and
     biases (Qwen2's q/k/v biases are zero at init), in eval mode."""
-    config_cls, model_cls = ARCHS[arch]
-    config = config_cls(**{**TINY, **overrides})
+    config = tiny_config(arch, **{**TINY, **overrides})
     torch.manual_seed(seed)
-    base = model_cls(config)
+    base = ARCHS[arch](config)
     with torch.no_grad():
         for name, p in base.named_parameters():
             if name.endswith(".bias"):
@@ -143,7 +135,7 @@ def test_context_changes_the_logits():
 
 
 # --------------------------------------------------------------------------------------------
-# 2. the identity of DESIGN section 5
+# 2. the identity of docs/DESIGN.md section 5
 
 IDENTITY = dict(injection="merge", num_injected_layers=4, tree_depth=0, tokens_per_node=None, positions="true")
 
@@ -442,7 +434,7 @@ def test_query_retrieval_equals_hand_computed_tree_topk(positions):
 
 def _manual_logits(model, twin, ctx, b, x):
     """Hand-written SharedLLM forward of row ``b`` (decoder tokens ``x`` ``[L]``), from the base model's
-    modules, the model's cross blocks and the compressed context (DESIGN sections 1 and 5)."""
+    modules, the model's cross blocks and the compressed context (docs/DESIGN.md sections 1 and 5)."""
     cfg, m = model.config, twin.model
     L, D = x.numel(), twin.config.head_dim
     n_chunks = int(ctx.num_chunks[b])
@@ -964,7 +956,7 @@ def test_bad_context_inputs_raise(small_model):
 
 
 def test_bad_query_inputs_raise(small_model):
-    """The question of compress_context is validated like the context (DESIGN 2: clear errors that
+    """The question of compress_context is validated like the context (docs/DESIGN.md section 2: clear errors that
     name the argument)."""
     m = small_model
     c, q = tokens(1, 40), tokens(1, 4)
@@ -1005,3 +997,57 @@ def test_bad_base_models_raise():
     SharedLLMForCausalLM.from_base(base, num_injected_layers=4)
     with pytest.raises(ValueError, match="already wrapped"):
         SharedLLMForCausalLM.from_base(base)
+
+
+# --------------------------------------------------------------------------------------------
+# 12. wrapping: the path of a context runs one way, and unwrap undoes everything
+
+
+def _reaches(roots, target) -> bool:
+    """Whether ``target`` can be reached from ``roots`` by following object references (not through
+    classes, modules or a function's globals, which lead everywhere)."""
+    seen, todo = set(), list(roots)
+    while todo:
+        obj = todo.pop()
+        if obj is target:
+            return True
+        if id(obj) in seen or isinstance(obj, (type, types.ModuleType)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, types.FunctionType):
+            for cell in obj.__closure__ or ():
+                try:
+                    todo.append(cell.cell_contents)
+                except ValueError:  # an empty cell
+                    pass
+        else:
+            todo += gc.get_referents(obj)
+    return False
+
+
+@pytest.mark.parametrize("injection, positions, share_lower",
+                         [("residual", "chunk", True), ("residual", "true", False), ("merge", "true", True)])
+def test_nothing_the_wrapper_holds_leads_back_to_it(injection, positions, share_lower):
+    """The hooks, the injection state on the attention modules and the compressor refer to the
+    modules they use, never to the wrapper: a context passed to forward flows one way."""
+    model, _ = wrap(num_injected_layers=2, chunk_size=16, tree_depth=2, tokens_per_node=3, injection=injection,
+                    positions=positions, share_lower=share_lower)
+    with torch.no_grad():
+        model(tokens(1, 6), context_input_ids=tokens(1, 40, seed=2))  # caches filled by a call included
+    held = [v for v in gc.get_referents(model) if v is not model]
+    assert not _reaches(held, model)
+    # the walk does follow the injection state that the attention modules carry (it holds the cross blocks)
+    assert _reaches([model.base_model], model.cross_blocks)
+
+
+def test_unwrap_restores_the_base_model():
+    model, twin = wrap(num_injected_layers=2, chunk_size=16, tree_depth=2, tokens_per_node=3, positions="true")
+    base = model.unwrap()
+    modules = [base, base.model, *base.model.layers, *(layer.self_attn for layer in base.model.layers)]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    assert not any("_sharedllm_state" in vars(layer.self_attn) for layer in base.model.layers)
+    assert base.config._attn_implementation == twin.config._attn_implementation == "sdpa"
+    x = tokens(2, 9)
+    with torch.no_grad():
+        close(base(x).logits, twin(x).logits, "unwrapped")
+    SharedLLMForCausalLM.from_base(base, num_injected_layers=2)  # no longer marked as wrapped

@@ -15,7 +15,7 @@ from sharedllm_ops import reference
 
 pytest.importorskip("transformers")
 
-from sharedllm_ops.model import context as C  # noqa: E402
+from sharedllm_ops.model import context  # noqa: E402
 from sharedllm_ops.model.attention import (  # noqa: E402
     PackedPass,
     StopEncoding,
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("chunk_size", [1, 4, 16])
 def test_chunk_layout_matches_a_python_loop(chunk_size):
     lengths = [0, 5, 16, 32, 33, 0, 47, 1, 4, 8]
-    layout = C.chunk_layout(torch.tensor(lengths), chunk_size)
+    layout = context.chunk_layout(torch.tensor(lengths), chunk_size)
     row, index, start, length, num = [], [], [], [], []
     for b, n in enumerate(lengths):
         chunks = 0
@@ -51,11 +51,11 @@ def test_chunk_layout_matches_a_python_loop(chunk_size):
 
 
 def test_chunk_layout_exact_multiples_and_all_empty():
-    layout = C.chunk_layout(torch.tensor([32, 64]), 32)
+    layout = context.chunk_layout(torch.tensor([32, 64]), 32)
     assert layout.length.tolist() == [32, 32, 32]
     assert layout.start.tolist() == [0, 0, 32]
     assert layout.num_chunks.tolist() == [1, 2]
-    empty = C.chunk_layout(torch.tensor([0, 0]), 8)
+    empty = context.chunk_layout(torch.tensor([0, 0]), 8)
     assert empty.row.numel() == 0 and empty.num_chunks.tolist() == [0, 0]
 
 
@@ -67,7 +67,7 @@ def test_chunk_layout_exact_multiples_and_all_empty():
 def test_tree_node_spans_without_noise_equal_reference_tree_spans(depth):
     T = reference.num_tree_nodes(depth, 2)
     lens = torch.tensor(list(range(2**depth, 2**depth + 70)) + [1000, 1023, 1024, 1025])
-    start, length = C.tree_node_spans(lens, depth)
+    start, length = context.tree_node_spans(lens, depth)
     assert start.shape == (lens.numel(), T) and length.shape == (lens.numel(), T)
     ids = torch.arange(T).expand(lens.numel(), T)
     ref_start, ref_len = reference.tree_spans(ids[None], lens[None], depth, 2)
@@ -100,23 +100,23 @@ def _check_tiling(start, length, lens, depth):
 def test_tree_node_spans_with_noise_tile_and_are_seeded(depth):
     lens = torch.tensor([2**depth, 2**depth + 1, 13, 64, 100, 1000, 1024] * 4)
     torch.manual_seed(5)
-    a = C.tree_node_spans(lens, depth, 0.2)
+    a = context.tree_node_spans(lens, depth, 0.2)
     torch.manual_seed(5)
-    b = C.tree_node_spans(lens, depth, 0.2)
+    b = context.tree_node_spans(lens, depth, 0.2)
     torch.manual_seed(6)
-    c = C.tree_node_spans(lens, depth, 0.2)
+    c = context.tree_node_spans(lens, depth, 0.2)
     for start, length in (a, b, c):
         _check_tiling(start, length, lens, depth)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), "same seed, different spans"
     assert not torch.equal(a[0], c[0]), "different seeds gave the same spans"
-    noiseless = C.tree_node_spans(lens, depth)
+    noiseless = context.tree_node_spans(lens, depth)
     assert not torch.equal(a[0], noiseless[0]), "split noise did not move any split"
 
 
 def test_tree_node_spans_with_huge_noise_still_tile():
     lens = torch.tensor([8, 9, 10, 16, 17, 33] * 20)
     torch.manual_seed(0)
-    start, length = C.tree_node_spans(lens, 3, 0.49)
+    start, length = context.tree_node_spans(lens, 3, 0.49)
     _check_tiling(start, length, lens, 3)
 
 
@@ -135,14 +135,14 @@ def test_right_descent_node_ids_equal_tree_topk_with_increasing_scores(depth):
         emb[0, 0, first:first + 2**level, 0] = torch.arange(2**level, dtype=torch.float32)
     query = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
     expected, _ = so.tree_topk(query, emb, depth, score="dot", backend="reference")
-    got = C.right_descent_node_ids(depth)
+    got = context.right_descent_node_ids(depth)
     assert got.dtype == torch.int64
     assert got.tolist() == expected[0, 0].long().tolist()
 
 
 def test_right_descent_spans_of_a_16_token_chunk():
-    ids = C.right_descent_node_ids(3)
-    start, length = C.tree_node_spans(torch.tensor([16]), 3)
+    ids = context.right_descent_node_ids(3)
+    start, length = context.tree_node_spans(torch.tensor([16]), 3)
     spans = list(zip(start[0, ids].tolist(), (start[0, ids] + length[0, ids]).tolist()))
     assert spans == [(0, 8), (8, 12), (12, 14), (14, 16)]
 
@@ -162,21 +162,21 @@ def test_compressed_row_sources_match_a_python_loop(P):
         else:
             expected += [pooled + first_raw + j for j in range(length)]
         first_raw += length
-    got = C.compressed_row_sources(node_len, P)
+    got = context.compressed_row_sources(node_len, P)
     assert got.tolist() == expected
-    assert C.compressed_rows(node_len, P).tolist() == [min(n, P) for n in node_len.tolist()]
-    assert C.compressed_rows(node_len, None).tolist() == node_len.tolist()
+    assert context.compressed_rows(node_len, P).tolist() == [min(n, P) for n in node_len.tolist()]
+    assert context.compressed_rows(node_len, None).tolist() == node_len.tolist()
 
 
 def test_pack_segments_and_segment_cu_seqlens():
     first = torch.tensor([3, 10, 0, 20])
     lens = torch.tensor([2, 0, 3, 1])
-    p = C.pack_segments(first, lens)
+    p = context.pack_segments(first, lens)
     assert p.index.tolist() == [3, 4, 0, 1, 2, 20]
     assert p.segment.tolist() == [0, 0, 2, 2, 2, 3]
     assert p.offset.tolist() == [0, 1, 0, 1, 2, 0]
     assert p.cu_seqlens.dtype == torch.int32 and p.cu_seqlens.tolist() == [0, 2, 2, 5, 6]
-    cu = C.segment_cu_seqlens(torch.tensor([0, 0, 2, 2, 2]), torch.tensor([1, 2, 3, 4, 5]), 4)
+    cu = context.segment_cu_seqlens(torch.tensor([0, 0, 2, 2, 2]), torch.tensor([1, 2, 3, 4, 5]), 4)
     assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 3, 15, 15]
 
 
@@ -282,13 +282,13 @@ def test_attention_with_lse_fully_masked_row_gives_zero_and_minus_inf():
 def test_keyed_split_noise_depends_on_the_key_alone():
     lens = torch.tensor([64, 100, 37, 64])
     keys = torch.tensor([5, 6, 7, 5])
-    start, length = C.tree_node_spans(lens, 3, 0.3, keys)
+    start, length = context.tree_node_spans(lens, 3, 0.3, keys)
     # rows 0 and 3 have the same key and length: the same spans; alone, row 1 gets its spans again
     assert torch.equal(start[0], start[3]) and torch.equal(length[0], length[3])
-    alone = C.tree_node_spans(lens[1:2], 3, 0.3, keys[1:2])
+    alone = context.tree_node_spans(lens[1:2], 3, 0.3, keys[1:2])
     assert torch.equal(alone[0][0], start[1]) and torch.equal(alone[1][0], length[1])
     # the noise does move the splits away from the noise-free ones, and keeps every node non-empty
-    clean = C.tree_node_spans(lens, 3, 0.0)
+    clean = context.tree_node_spans(lens, 3, 0.0)
     assert not torch.equal(start, clean[0]) and bool((length > 0).all())
-    z = C.keyed_normal(torch.arange(20000))
+    z = context.keyed_normal(torch.arange(20000))
     assert abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 1.0) < 0.05

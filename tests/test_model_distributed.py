@@ -35,7 +35,7 @@ from sharedllm_ops import _ext  # noqa: E402
 
 from conftest import free_port, run_workers  # noqa: E402
 from sharedllm_ops.model import SharedLLMForCausalLM  # noqa: E402
-from sharedllm_ops.model import distributed as D  # noqa: E402
+from sharedllm_ops.model import distributed  # noqa: E402
 
 WORLD_SIZE = 2
 TIMEOUT_S = 120  # the whole 2-process run; it normally takes a few seconds
@@ -120,9 +120,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    env = D.init_distributed(device="cpu", timeout_s=60)
+    env = distributed.init_distributed(device="cpu", timeout_s=60)
     assert (env.rank, env.world_size, env.backend) == (rank, WORLD_SIZE, "gloo"), env
-    assert D.is_main_process() == (rank == 0)
+    assert distributed.is_main_process() == (rank == 0)
     results = {}
     try:
         for name, (options, trainable, lengths) in CASES.items():
@@ -135,20 +135,20 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 def _train_step(rank: int, options: dict, trainable: tuple, lengths) -> dict:
     model = build_model(options, trainable)
-    D.shard_model(model)
-    optimizer = torch.optim.AdamW(D.trainable_parameters(model), **ADAMW)
+    distributed.shard_model(model)
+    optimizer = torch.optim.AdamW(distributed.trainable_parameters(model), **ADAMW)
     batch = rank_slice(make_batch(lengths), rank)
 
     out = model(**batch)
     out.loss.backward()
-    loss = D.all_reduce_mean(out.loss)
-    grads = D.full_gradients(model)
+    loss = distributed.all_reduce_mean(out.loss)
+    grads = distributed.full_gradients(model)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    params = D.full_parameters(model, trainable_only=True)
+    params = distributed.full_parameters(model, trainable_only=True)
     with torch.no_grad():
-        loss_after = D.all_reduce_mean(model(**batch).loss)
-    injector = D.full_injector_state_dict(model)
+        loss_after = distributed.all_reduce_mean(model(**batch).loss)
+    injector = distributed.full_injector_state_dict(model)
     result = dict(loss=loss, loss_after=loss_after, params=params, injector=injector)
     if rank == 0:
         result["grads"] = grads
@@ -157,7 +157,7 @@ def _train_step(rank: int, options: dict, trainable: tuple, lengths) -> dict:
 
 def _generate(rank: int) -> torch.Tensor:
     model = build_model(*CASES["cross"][:2])
-    D.shard_model(model)
+    distributed.shard_model(model)
     model.eval()
     return model.generate(**generate_inputs(rank_slice(make_batch(RAGGED), rank)))
 

@@ -31,7 +31,7 @@ import torch.distributed as dist  # noqa: E402
 
 from conftest import free_port, run_workers  # noqa: E402
 
-from sharedllm_ops.model import distributed as D  # noqa: E402
+from sharedllm_ops.model import distributed  # noqa: E402
 from sharedllm_ops.model import train as T  # noqa: E402
 from sharedllm_ops.model.pretrained import tiny_model  # noqa: E402
 
@@ -301,7 +301,7 @@ def _worker(rank: int, port: int, out_dir: str, data_dir: str) -> None:
     def record(name, result):
         model = result["model"]
         results[name] = dict(losses=result["losses"], checkpoint=str(result["checkpoint"]),
-                             injector=D.full_injector_state_dict(model))  # a collective
+                             injector=distributed.full_injector_state_dict(model))  # a collective
 
     try:
         # 3 steps, then extended to 5 (a distributed resume: FSDP optimizer state from the checkpoint)

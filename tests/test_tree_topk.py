@@ -1,7 +1,8 @@
-"""tree_topk and tree_spans (DESIGN 3.2): reference vs a brute-force descent, hand-computed trees,
+"""tree_topk and tree_spans (docs/DESIGN.md section 3.2): reference vs a brute-force descent, hand-computed trees,
 ties, C++ and Triton vs reference, opcheck and input validation."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ def _num_nodes(depth, b):
 
 
 def brute_force_descent(scores, depth, k, b):
-    """The descent of DESIGN 3.2 on one chunk's list of T scores, in plain Python.
+    """The descent of docs/DESIGN.md section 3.2 on one chunk's list of T scores, in plain Python.
 
     Returns the preserved level-order ids sorted by their first leaf (left to right)."""
     preserved = []  # (first leaf, id)
@@ -173,19 +174,38 @@ def test_zero_vectors_score_zero(backend):
     assert scores[0, 0, 1] == 0 and torch.isfinite(scores).all()
 
 
-def test_num_preserved_formula():
+def test_num_preserved_counts_the_descent():
+    """P is the length of what the brute-force descent preserves (on random scores), and T the
+    geometric series b + ... + b^h in closed form."""
     for b in range(2, 6):
         for k in range(1, b + 1):
-            assert R.num_preserved(1, k, b) == b
-            for h in range(2, 6):
-                # count by the rule: b-k at level 1, (k*b - k) at levels 2..h-1, k*b at level h
-                assert R.num_preserved(h, k, b) == (b - k) + (h - 2) * (k * b - k) + k * b
-                assert R.num_tree_nodes(h, b) == _num_nodes(h, b)
-    assert R.num_preserved(3, 1, 2) == 4
+            for h in range(1, 6):
+                T = (b ** (h + 1) - b) // (b - 1)
+                assert R.num_tree_nodes(h, b) == T, (h, b)
+                scores = torch.rand(T).tolist()
+                assert R.num_preserved(h, k, b) == len(brute_force_descent(scores, h, k, b)), (h, k, b)
+    assert R.num_preserved(3, 1, 2) == 4  # the paper's tree
+
+
+def exact_span(node, L, depth, b):
+    """The span of a level-order node id, found by descending from the root: each node's exact
+    (rational) interval of [0, L) is split into b equal parts for its children; the token span
+    rounds the exact ends down."""
+    path = []  # the child index at each level, deepest first
+    level = next(l for l in range(1, depth + 1) if node < _level_offset(l + 1, b))
+    i = node - _level_offset(level, b)
+    for _ in range(level):
+        path.append(i % b)
+        i //= b
+    lo, hi = Fraction(0), Fraction(L)
+    for child in reversed(path):
+        width = (hi - lo) / b
+        lo, hi = lo + child * width, lo + (child + 1) * width
+    return math.floor(lo), math.floor(hi)
 
 
 @pytest.mark.parametrize("depth,b", [(1, 2), (3, 2), (2, 4), (4, 3)])
-def test_tree_spans_matches_formula(depth, b):
+def test_tree_spans_match_the_exact_descent(depth, b):
     B, C = 2, 5
     T = _num_nodes(depth, b)
     node_ids = torch.randint(0, T, (B, C, 7), dtype=torch.int32)
@@ -197,10 +217,7 @@ def test_tree_spans_matches_formula(depth, b):
         for c in range(C):
             L = int(chunk_lens[bi, c])
             for p in range(7):
-                node = int(node_ids[bi, c, p])
-                level = next(l for l in range(1, depth + 1) if node < _level_offset(l + 1, b))
-                i = node - _level_offset(level, b)
-                s, e = (i * L) // b**level, ((i + 1) * L) // b**level
+                s, e = exact_span(int(node_ids[bi, c, p]), L, depth, b)
                 assert (int(start[bi, c, p]), int(length[bi, c, p])) == (s, e - s)
 
 
@@ -444,7 +461,7 @@ def test_triton_matches_reference(dtype, depth, k, b, score):
 @TRITON
 def test_auto_prefers_cpp_over_triton_on_cpu():
     """Under the interpreter Triton could run on CPU tensors, but auto still picks the C++ kernel."""
-    from sharedllm_ops.ops._dispatch import resolve_backend
+    from sharedllm_ops.core.dispatch import resolve_backend
 
     assert resolve_backend("tree_topk", "auto", torch.device("cpu")) == "cpp"
     query, emb = torch.randn(2, 8), torch.randn(2, 3, 14, 8)

@@ -1,4 +1,4 @@
-// chunk_pool (DESIGN 3.1) on CUDA: memory-bound, one pass over the input.
+// chunk_pool (docs/DESIGN.md section 3.1) on CUDA: memory-bound, one pass over the input.
 //
 // Forward: block x = one output row (segment s, slot j); its threads cover (head, 16-byte vector
 // of D) pairs and sum the rows of the window in float32. No atomics: every output element has

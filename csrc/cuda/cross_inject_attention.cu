@@ -1,4 +1,4 @@
-// cross_inject_attention (DESIGN 3.3) on CUDA, forward and backward.
+// cross_inject_attention (docs/DESIGN.md section 3.3) on CUDA, forward and backward.
 //
 // Two paths, chosen per call on the host:
 // * Tensor cores (fp16/bf16, D == Dv in {64, 128}, 16-byte aligned rows, sm_80+): FlashAttention-2
@@ -736,8 +736,10 @@ struct GeneralLaunch {
   unsigned blocks, threads;
   size_t shared;
 };
+// The largest staging, 2 * (D + Dv) floats per warp (dk, dv), fits one warp at the binding's limit.
+static_assert(2 * kMaxHeadDims * sizeof(float) <= kMaxSharedBytesWithoutOptIn);
 GeneralLaunch general_launch(int64_t items, int64_t floats_per_warp) {
-  constexpr size_t kMaxShared = 48 * 1024;
+  constexpr size_t kMaxShared = kMaxSharedBytesWithoutOptIn;
   const size_t per_warp = static_cast<size_t>(floats_per_warp) * sizeof(float);
   int warps = 4;
   while (warps > 1 && per_warp * warps > kMaxShared) --warps;

@@ -1,4 +1,4 @@
-// tree_topk (DESIGN 3.2) on CUDA: ONE launch for scoring, descent and sorted emission.
+// tree_topk (docs/DESIGN.md section 3.2) on CUDA: ONE launch for scoring, descent and sorted emission.
 //
 // One block per (sequence, chunk). Its warps score the chunk's T nodes (one node per warp at a
 // time, lanes striding over D in 16-byte vectors where the layout allows, float32 accumulation, a
@@ -14,16 +14,17 @@
 namespace sharedllm::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kTreeTopkThreads;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned char kExpanded = 1, kPreserved = 2;
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) tree_topk_kernel(TreeTopkParams p) {
   SHAREDLLM_DYNAMIC_SHARED(float, shared);
-  float* scores = shared;                                                  // [T]
-  unsigned char* flags = reinterpret_cast<unsigned char*>(shared + p.nodes);  // [T]
-  __shared__ float query_norm_parts[kWarps];
+  // the layout of tree_topk_shared_bytes: all dynamic, so that the binding's limit is the block's
+  float* query_norm_parts = shared;                                          // [kWarps]
+  float* scores = shared + kWarps;                                           // [T]
+  unsigned char* flags = reinterpret_cast<unsigned char*>(scores + p.nodes);  // [T]
 
   const int64_t pair = blockIdx.x;  // b * C + c
   const int64_t b = pair / p.chunks, c = pair % p.chunks;

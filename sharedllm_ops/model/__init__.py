@@ -1,4 +1,4 @@
-"""SharedLLM on stock Hugging Face Llama-family models (DESIGN section 5). Needs ``transformers``
+"""SharedLLM on stock Hugging Face Llama-family models (docs/DESIGN.md section 5). Needs ``transformers``
 (``pip install sharedllm_ops[model]``)."""
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Wrapped models run with ``config._attn_implementation = "sharedllm"``. Transformers' attention
 modules project, rotate and cache q/k/v as usual and then call :func:`sharedllm_attention`,
-which, depending on the owning model's :class:`InjectionState`:
+which, depending on the state the wrapper put on the module (``module._sharedllm_state``, the
+model's ``injection.InjectionState``; this module needs only its ``packed``, ``merges_into`` and
+``merged_attention``):
 
 * in a **packed pass** (the lower model encoding many nodes, or the retrieval query) treats the
   single packed row as independent causal segments (``cu_seqlens``), and captures k/v;
@@ -23,6 +25,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import sharedllm_ops as so
+
+from ..reference.rotary import rotate_half  # noqa: F401  (imported from here before the rotary had one source)
 
 ATTN_IMPLEMENTATION = "sharedllm"
 
@@ -146,11 +150,6 @@ def sharedllm_attention(module, query, key, value, attention_mask, dropout=0.0, 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, sharedllm_attention)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
 __all__ = [

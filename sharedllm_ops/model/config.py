@@ -1,4 +1,4 @@
-"""SharedLLMConfig: every choice of the SharedLLM wrapper (DESIGN section 5), with the paper's defaults."""
+"""SharedLLMConfig: every choice of the SharedLLM wrapper (docs/DESIGN.md section 5), with the paper's defaults."""
 
 from __future__ import annotations
 

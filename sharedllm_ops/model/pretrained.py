@@ -10,7 +10,9 @@
 A GGUF file is dequantised by transformers once (about 25 s for SmolLM2) and the result is
 saved as a Hugging Face folder under ``cache_dir()``; later loads read that folder (about 1 s).
 
-``tiny_model()`` builds small random Llama / Mistral / Qwen2 models for tests.
+``tiny_config()`` and ``tiny_model()`` build small random Llama / Mistral / Qwen2 models for tests.
+
+transformers is imported inside the functions that use it: importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "cache_dir",
     "load_base_model",
     "smollm2_gguf_path",
+    "tiny_config",
     "tiny_llama_config",
     "tiny_model",
 ]
@@ -212,16 +215,12 @@ _TINY_FIELDS = dict(
 )
 
 
-def tiny_llama_config(**overrides):
-    """A tiny ``LlamaConfig`` (vocab 128, hidden 64, 4 layers, 4 query / 2 KV heads of dim 16,
-    MLP 128, 4096 positions, RoPE theta 1e4, untied embeddings, SDPA); ``overrides`` replace
-    any field."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**{**_TINY_FIELDS, **overrides})
-
-
-def _tiny_config(arch: str, overrides: dict):
+def tiny_config(arch: str = "llama", **overrides):
+    """The config of a tiny ``arch`` model (``"llama"``, ``"mistral"`` or ``"qwen2"``): vocab 128,
+    hidden 64, 4 layers, 4 query / 2 KV heads of dim 16, MLP 128, 4096 positions, RoPE theta 1e4,
+    untied embeddings, SDPA, full attention (no sliding window); ``overrides`` replace any field."""
+    if arch not in _ARCHS:
+        raise ValueError(f"arch must be one of {_ARCHS}, got {arch!r}")
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     fields = dict(_TINY_FIELDS)
@@ -234,9 +233,14 @@ def _tiny_config(arch: str, overrides: dict):
     return cls(**fields)
 
 
+def tiny_llama_config(**overrides):
+    """``tiny_config("llama", **overrides)``: a tiny ``LlamaConfig``."""
+    return tiny_config("llama", **overrides)
+
+
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     """A tiny random ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` in
-    float32 and eval mode, with the shape of ``tiny_llama_config(**overrides)``.
+    float32 and eval mode, with the config ``tiny_config(arch, **overrides)``.
 
     Deterministic given ``seed`` (the global RNG state is left untouched). Qwen2's q/k/v biases
     are filled with random nonzero values (transformers initialises them to zero), so a test
@@ -246,7 +250,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
     cls = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}[arch]
-    cfg = _tiny_config(arch, overrides)
+    cfg = tiny_config(arch, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(cfg).to(torch.float32)

@@ -2,7 +2,7 @@
 
 Training text is the ``.py`` files of a few stdlib packages (``TRAIN_PACKAGES``); evaluation
 text is a disjoint set of long top-level stdlib modules (``EVAL_MODULES``), each longer than
-8192 SmolLM2 tokens on Python 3.10 to 3.13. DESIGN section 7 scores the last 256 of the first
+8192 SmolLM2 tokens on Python 3.10 to 3.13. docs/DESIGN.md section 7 scores the last 256 of the first
 8192 tokens of a module::
 
     ids = tokenize_text(tokenizer, module_text("inspect.py"), max_tokens=8192)
@@ -133,7 +133,7 @@ def _last_tokens_perplexity(model, ids: torch.Tensor, last: int) -> float:
 def window_perplexity(model, ids: torch.Tensor, window: int, last: int) -> float:
     """Perplexity of the last ``last`` tokens of ``ids [N]`` when the model sees only the last
     ``window`` tokens: one causal forward over ``ids[-window:]``, scoring its last ``last``
-    positions (DESIGN section 7, "window 512 only").
+    positions (docs/DESIGN.md section 7, "window 512 only").
 
     So the scored tokens see between ``window - last`` and ``window - 1`` preceding tokens (a
     single window, not a sliding one per token). With ``window >= N`` this equals

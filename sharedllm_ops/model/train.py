@@ -20,13 +20,20 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
+from ..dtypes import DTYPES
+from . import distributed
 from .config import SharedLLMConfig
-from .modeling import SharedLLMForCausalLM
+from .modeling import WEIGHTS_NAME, SharedLLMForCausalLM
+from .pretrained import load_base_model
+from .text import training_files
 
 STATE_NAME = "trainer_state.pt"
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
@@ -77,8 +84,6 @@ class TrainConfig:
 def text_files(paths) -> list[Path]:
     """The training files: ``paths`` (files, or folders searched for text and source files), sorted."""
     if not paths:
-        from .text import training_files
-
         return training_files()
     files = []
     for p in map(Path, paths):
@@ -152,16 +157,10 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, resume: bool = True, p
     "tokenizer": tokenizer}``.
 
     ``base``/``tokenizer`` may be given (tests); otherwise ``cfg.model`` is loaded."""
-    from . import distributed as D
-
-    env = D.init_distributed()
+    env = distributed.init_distributed()
     torch.manual_seed(cfg.seed)
-    from ..cli import DTYPES
-
     dtype = DTYPES[cfg.dtype]
     if base is None:
-        from .pretrained import load_base_model
-
         base, tokenizer = load_base_model(cfg.model, dtype=dtype, device=env.device)
     stream = token_stream(tokenizer, text_files(cfg.data))
     output = Path(cfg.output)
@@ -176,14 +175,15 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, resume: bool = True, p
             raise ValueError("activation_checkpointing is not supported together with FSDP here")
         model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if env.distributed:
-        D.shard_model(model, device=env.device)
-    params = D.trainable_parameters(model)
+        distributed.shard_model(model, device=env.device)
+    params = distributed.trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     start_step, losses = 0, []
     if checkpoint is not None:
         state = torch.load(checkpoint / STATE_NAME, weights_only=False)
         _warn_if_config_changed(checkpoint, cfg, state.get("world_size", 1), env.world_size)
+        # torch.distributed's submodules exist only in builds with distributed support
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         # keyed by parameter name, so that a checkpoint of any world size resumes under any other
@@ -195,8 +195,6 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, resume: bool = True, p
 
     bar = None
     if progress and env.is_main:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" else _nothing()
     tokens_done, started = 0, time.perf_counter()
@@ -216,7 +214,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, resume: bool = True, p
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = float(D.all_reduce_mean(step_loss))
+        loss = float(distributed.all_reduce_mean(step_loss))
         losses.append(loss)
         if bar is not None:
             bar.update(1)
@@ -248,8 +246,6 @@ _RESUMABLE_CHANGES = {"steps", "output", "save_every", "log_every"}
 def _warn_if_config_changed(checkpoint: Path, cfg: TrainConfig, saved_world: int, world: int) -> None:
     """Resuming with other settings is allowed but rarely meant: say which ones differ (``steps``
     may grow; note that it also stretches the cosine decay)."""
-    import warnings
-
     saved_file = checkpoint / "train_config.json"
     if not saved_file.is_file():
         return
@@ -273,12 +269,11 @@ class _nothing:
 
 def save_checkpoint(model, optimizer, scheduler, cfg: TrainConfig, step: int, losses: list, env) -> Path:
     """``output/step-N``: the injector (``save_pretrained`` format), the run's config and the trainer state."""
-    from . import distributed as D
-
     folder = Path(cfg.output) / f"step-{step}"
-    weights = D.full_injector_state_dict(model) if env.distributed else None
+    weights = distributed.full_injector_state_dict(model) if env.distributed else None
     optim_state = optimizer.state_dict()
     if env.distributed:
+        # torch.distributed's submodules exist only in builds with distributed support
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
@@ -301,10 +296,6 @@ def save_checkpoint(model, optimizer, scheduler, cfg: TrainConfig, step: int, lo
 
 
 def _save_injector(model: SharedLLMForCausalLM, weights: dict, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    from .modeling import WEIGHTS_NAME
-
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save(folder)
     meta = {"trained_base_layers": ",".join(map(str, model._trained_base_layers))}

@@ -1,6 +1,8 @@
-"""Public op functions with backend dispatch (DESIGN sections 3 and 4)."""
+"""The public op functions (docs/DESIGN.md sections 3 and 4): check the arguments, pick a backend,
+run it. They import only the leaf package ``sharedllm_ops.core`` and the reference; the backends
+declare themselves to ``core.dispatch`` (``sharedllm_ops._ext``, ``sharedllm_ops.triton``)."""
 
-from ._dispatch import BACKENDS, resolve_backend
+from ..core.dispatch import BACKENDS, resolve_backend
 from .chunk_pool import chunk_pool
 from .cross_inject_attention import cross_inject_attention, merge_attention
 from .tree_topk import tree_spans, tree_topk

@@ -1,14 +1,12 @@
-"""Public ``chunk_pool`` (DESIGN 3.1), its fake kernel and its autograd formula."""
+"""Public ``chunk_pool`` (docs/DESIGN.md section 3.1)."""
 
 from __future__ import annotations
 
 import torch
 
-from .. import _ext, reference
-from ..reference.chunk_pool import POOL_MODES
-from . import _validate as V
-from ._dispatch import resolve_backend
-from ._registration import register_chunk_pool
+from .. import reference
+from ..core.checks import check_chunk_pool_arguments, check_cu_seqlens_values
+from ..core.dispatch import resolve_backend
 
 
 def chunk_pool(
@@ -26,18 +24,11 @@ def chunk_pool(
     Returns:
         ``[S * P, H, D]`` in ``x``'s dtype; empty segments give zeros. Differentiable in ``x``.
     """
-    V.check_float(x, "x", "[N, H, D]", 3)
-    V.check_cu_seqlens(cu_seqlens, "cu_seqlens", x.device)
-    V.check_int(tokens_per_node, "tokens_per_node", 1)
-    V.check_choice(mode, "mode", POOL_MODES)
-    impl = resolve_backend("chunk_pool", backend, x.device)
+    check_chunk_pool_arguments(x, cu_seqlens, tokens_per_node, mode)
+    impl = resolve_backend("chunk_pool", backend, x.device, dict(x=x))
     if impl == "reference":
-        V.check_cu_seqlens_values(cu_seqlens, x.shape[0], "cu_seqlens", "x.shape[0]")
+        check_cu_seqlens_values(cu_seqlens, x.shape[0], "cu_seqlens", "x.shape[0]")
         return reference.chunk_pool(x, cu_seqlens, tokens_per_node, mode)
     if impl == "triton":
         return torch.ops.sharedllm_triton.chunk_pool(x, cu_seqlens, tokens_per_node, mode)
     return torch.ops.sharedllm.chunk_pool(x, cu_seqlens, tokens_per_node, mode)
-
-
-if _ext.loaded:
-    register_chunk_pool("sharedllm")

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference for ``chunk_pool`` (DESIGN 3.1): the oracle every backend is tested against."""
+"""Pure-PyTorch reference for ``chunk_pool`` (docs/DESIGN.md section 3.1): the oracle every backend is tested against."""
 
 from __future__ import annotations
 

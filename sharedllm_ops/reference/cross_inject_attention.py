@@ -1,25 +1,11 @@
-"""Pure-PyTorch reference for ``cross_inject_attention`` and ``merge_attention`` (DESIGN 3.3)."""
+"""Pure-PyTorch reference for ``cross_inject_attention`` and ``merge_attention`` (docs/DESIGN.md section 3.3)."""
 
 from __future__ import annotations
 
 import torch
 
 from ._common import compute_dtype
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """Hugging Face's rotary helper: ``[x1, x2] -> [-x2, x1]`` over the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x: [N, H, D]`` by the table rows ``cos/sin[positions]: [N, D]`` (in the compute dtype)."""
-    dtype = compute_dtype(x.dtype)
-    c = cos.to(dtype)[positions.long()][:, None, :]
-    s = sin.to(dtype)[positions.long()][:, None, :]
-    x = x.to(dtype)
-    return x * c + rotate_half(x) * s
+from .rotary import apply_rotary
 
 
 def cross_inject_attention(

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference for ``tree_topk`` and ``tree_spans`` (DESIGN 3.2)."""
+"""Pure-PyTorch reference for ``tree_topk`` and ``tree_spans`` (docs/DESIGN.md section 3.2)."""
 
 from __future__ import annotations
 

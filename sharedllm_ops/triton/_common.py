@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..ops import _validate as V
+from ._runtime import launch_error, runs_on
 
 
 def next_pow2(n: int) -> int:
@@ -15,15 +15,6 @@ def next_pow2(n: int) -> int:
 def check_launch(name: str, *tensors: torch.Tensor) -> None:
     """Triton runs on CUDA tensors, or on CPU tensors under the interpreter; anything else is an error
     naming the tensor, not a crash inside the launcher."""
-    from . import launch_error, runs_on
-
     for t in tensors:
         if t is not None and not runs_on(t.device):
             raise ValueError(f"the Triton kernel of {name} {launch_error(t.device)}")
-
-
-def check_cu_seqlens_values(cu: torch.Tensor, total: int, name: str, total_name: str) -> None:
-    """The kernels index with ``cu_seqlens``: bad values must be an error, not an out-of-bounds access.
-    Reading them costs one device-to-host copy on the GPU."""
-    V.check_cu_seqlens_values(cu, total, name, total_name)
-

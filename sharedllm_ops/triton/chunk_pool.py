@@ -1,4 +1,4 @@
-"""Triton ``chunk_pool`` (DESIGN 3.1), forward and backward, registered as ``sharedllm_triton::chunk_pool``.
+"""Triton ``chunk_pool`` (docs/DESIGN.md section 3.1), forward and backward, registered as ``sharedllm_triton::chunk_pool``.
 
 Forward: one program per (output row, head, block of D); it reads the rows of its pooling window
 once, accumulating in float32, and writes one output row (no atomics). Backward: one program per
@@ -12,10 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import _validate as V
-from ..ops._registration import register_chunk_pool
+from ..core.checks import check_chunk_pool_arguments, check_chunk_pool_backward_arguments, check_cu_seqlens_values
+from ..core.registration import register_chunk_pool
 from ..reference.chunk_pool import POOL_MODES
-from ._common import check_cu_seqlens_values, check_launch, next_pow2
+from ._common import check_launch, next_pow2
 
 MAX_BLOCK_D = 256
 
@@ -88,10 +88,7 @@ def _block_d(D: int) -> int:
 @torch.library.custom_op("sharedllm_triton::chunk_pool", mutates_args=())
 def chunk_pool(x: torch.Tensor, cu_seqlens: torch.Tensor, tokens_per_node: int, mode: str) -> torch.Tensor:
     """``[S * P, H, D]`` pooled rows of ``x: [N, H, D]`` (see ``sharedllm_ops.chunk_pool``)."""
-    V.check_float(x, "x", "[N, H, D]", 3)
-    V.check_cu_seqlens(cu_seqlens, "cu_seqlens", x.device)
-    V.check_int(tokens_per_node, "tokens_per_node", 1)
-    V.check_choice(mode, "mode", POOL_MODES)
+    check_chunk_pool_arguments(x, cu_seqlens, tokens_per_node, mode)
     check_launch("chunk_pool", x)
     check_cu_seqlens_values(cu_seqlens, x.shape[0], "cu_seqlens", "x.shape[0]")
     cu_seqlens = cu_seqlens.contiguous()  # the kernel reads it with unit stride
@@ -114,15 +111,9 @@ def chunk_pool_backward(
     grad_out: torch.Tensor, cu_seqlens: torch.Tensor, num_rows: int, tokens_per_node: int, mode: str
 ) -> torch.Tensor:
     """``[num_rows, H, D]`` gradient of ``chunk_pool`` with respect to ``x``."""
-    V.check_float(grad_out, "grad_out", "[S * P, H, D]", 3)
-    V.check_cu_seqlens(cu_seqlens, "cu_seqlens", grad_out.device)
-    V.check_int(tokens_per_node, "tokens_per_node", 1)
-    V.check_int(num_rows, "num_rows", 0)
-    V.check_choice(mode, "mode", POOL_MODES)
+    check_chunk_pool_backward_arguments(grad_out, cu_seqlens, num_rows, tokens_per_node, mode)
     check_launch("chunk_pool_backward", grad_out)
-    S, P = cu_seqlens.shape[0] - 1, tokens_per_node
-    if grad_out.dim() != 3 or grad_out.shape[0] != S * P:
-        raise ValueError(f"grad_out must have shape [S * P = {S * P}, H, D], got {tuple(grad_out.shape)}")
+    P = tokens_per_node
     check_cu_seqlens_values(cu_seqlens, num_rows, "cu_seqlens", "num_rows")
     cu_seqlens = cu_seqlens.contiguous()  # the kernel reads it with unit stride
     _, H, D = grad_out.shape
@@ -142,6 +133,11 @@ def chunk_pool_backward(
     return grad_x
 
 
+def supports(args: dict) -> str | None:
+    """Every valid call: the grid covers any number of rows, heads and head dims."""
+    return None
+
+
 register_chunk_pool("sharedllm_triton")
 
-__all__ = ["POOL_MODES", "chunk_pool", "chunk_pool_backward"]
+__all__ = ["POOL_MODES", "chunk_pool", "chunk_pool_backward", "supports"]

@@ -1,4 +1,4 @@
-"""Triton ``cross_inject_attention`` (DESIGN 3.3), registered as ``sharedllm_triton::cross_inject_attention``.
+"""Triton ``cross_inject_attention`` (docs/DESIGN.md section 3.3), registered as ``sharedllm_triton::cross_inject_attention``.
 
 Forward: FlashAttention-style tiles. One program per (query tile, query head) loads its queries
 once, applies the rotary embedding to them in registers, then streams the keys and values of its
@@ -18,9 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import _validate as V
-from ..ops._registration import register_cross_inject_attention
-from ._common import check_cu_seqlens_values, check_launch, next_pow2
+from ..core.checks import (
+    check_cross_inject_attention_arguments,
+    check_cross_inject_attention_backward_arguments,
+    check_cross_inject_attention_values,
+    check_devices,
+)
+from ..core.registration import register_cross_inject_attention
+from ..reference.rotary import apply_rotary
+from ._common import check_launch, next_pow2
+from ._runtime import interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -226,8 +233,6 @@ def _tiles(cu: list[int], block: int, device: torch.device) -> tuple[torch.Tenso
 
 def _tile_sizes(D: int, Dv: int, dtype: torch.dtype) -> dict:
     """The tiled block sizes (they shape the tile tables, so they are not autotuned)."""
-    from . import interpreting
-
     BLOCK_D, BLOCK_DV = max(16, next_pow2(D)), max(16, next_pow2(Dv))
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
@@ -240,8 +245,6 @@ def _autotuned(kernel, looped: str):
     """On the GPU, tune the block that each program loops over (never the tiled one), the warps and
     the stages, keyed on head dims and GQA group only: new sequence lengths never trigger a retune.
     The interpreter runs the kernel as it is (its block sizes come from ``_tile_sizes``)."""
-    from . import interpreting
-
     if interpreting():
         return kernel
     configs = [triton.Config({looped: n}, num_warps=w, num_stages=st)
@@ -251,8 +254,6 @@ def _autotuned(kernel, looped: str):
 
 def _launch(kernel, looped: str, grid, *args, **meta):
     """Launch ``kernel``: autotuned on the GPU, with ``looped`` = the tiled size under the interpreter."""
-    from . import interpreting
-
     if interpreting():
         return kernel[grid](*args, **meta)
     meta.pop(looped)
@@ -260,8 +261,6 @@ def _launch(kernel, looped: str, grid, *args, **meta):
 
 
 def _low_precision(dtype: torch.dtype) -> bool:
-    from . import interpreting
-
     # the interpreter computes in NumPy, which has no bfloat16: keep float32 there
     return dtype != torch.float32 and not interpreting()
 
@@ -269,16 +268,10 @@ def _low_precision(dtype: torch.dtype) -> bool:
 def _check(q, k, v, cu_q, cu_k, q_pos, k_pos, cos, sin, what: str) -> tuple[list[int], list[int]]:
     """The public function's argument checks, then the value checks the kernels rely on; returns
     the boundaries on the host (they build the tile tables)."""
-    from ..ops.cross_inject_attention import check_arguments  # here: ops imports this package
-
-    check_arguments(q, k, v, cu_q, cu_k, q_pos, k_pos, cos, sin)
-    V.check_devices(q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    check_cross_inject_attention_arguments(q, k, v, cu_q, cu_k, q_pos, k_pos, cos, sin)
+    check_devices(q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     check_launch(what, q)
-    check_cu_seqlens_values(cu_q, q.shape[0], "cu_seqlens_q", "q.shape[0]")
-    check_cu_seqlens_values(cu_k, k.shape[0], "cu_seqlens_k", "k.shape[0]")
-    if cos is not None:
-        V.check_positions_values(q_pos, cos.shape[0], "q_positions")
-        V.check_positions_values(k_pos, cos.shape[0], "k_positions")
+    check_cross_inject_attention_values(q, k, cu_q, cu_k, q_pos, k_pos, cos)
     return cu_q.tolist(), cu_k.tolist()
 
 
@@ -331,18 +324,6 @@ def _dense_indices(*tensors):
     return tuple(None if t is None else t.contiguous() if t.dim() == 1 or t.stride(-1) != 1 else t for t in tensors)
 
 
-def _rotate(x, positions, cos, sin, inverse: bool = False) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin`` in float32 (its transpose with ``inverse``)."""
-    c = cos.float()[positions.long()][:, None, :]
-    s = sin.float()[positions.long()][:, None, :]
-    x = x.float()
-    half = x.shape[-1] // 2
-    if inverse:  # rotate_half transposed: [y1, y2] -> [y2, -y1]
-        xs = x * s
-        return x * c + torch.cat((xs[..., half:], -xs[..., :half]), dim=-1)
-    return x * c + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
-
-
 @torch.library.custom_op("sharedllm_triton::cross_inject_attention_backward", mutates_args=())
 def cross_inject_attention_backward(
     grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -351,30 +332,18 @@ def cross_inject_attention_backward(
     rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)``, contiguous, in the inputs' dtype."""
+    check_cross_inject_attention_backward_arguments(grad_out, grad_lse, q, out, lse, v.shape[2])
     cu_q, cu_k = _check(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, rotary_cos, rotary_sin,
                         "cross_inject_attention_backward")
     cu_seqlens_q, cu_seqlens_k = _dense_indices(cu_seqlens_q, cu_seqlens_k)
     Nq, Hq, D = q.shape
     Nk, Hk, Dv = v.shape
-    if grad_out.shape != (Nq, Hq, Dv) or out.shape != grad_out.shape or lse.shape != (Nq, Hq):
-        raise ValueError(
-            f"grad_out and out must have shape [Nq, Hq, Dv] = {(Nq, Hq, Dv)} and lse [Nq, Hq], got "
-            f"{tuple(grad_out.shape)}, {tuple(out.shape)} and {tuple(lse.shape)}"
-        )
-    if grad_lse is not None and grad_lse.shape != (Nq, Hq):
-        raise ValueError(f"grad_lse must have shape [Nq, Hq] = {(Nq, Hq)}, got {tuple(grad_lse.shape)}")
-    V.check_devices(q, grad_out=grad_out, grad_lse=grad_lse, out=out, lse=lse)
-    V.check_same(grad_out, q, "grad_out", "q")
-    V.check_same(out, q, "out", "q")
-    V.check_tensor(lse, "lse", "[Nq, Hq]", 2, (torch.float32,))
-    if grad_lse is not None:
-        V.check_tensor(grad_lse, "grad_lse", "[Nq, Hq]", 2, (torch.float32,))
     rotary = rotary_cos is not None
     low = _low_precision(q.dtype)
     work = q.dtype if low else torch.float32
     if rotary:
-        q_r = _rotate(q, q_positions, rotary_cos, rotary_sin).to(work)
-        k_r = _rotate(k, k_positions, rotary_cos, rotary_sin).to(work)
+        q_r = apply_rotary(q, q_positions, rotary_cos, rotary_sin, dtype=torch.float32).to(work)
+        k_r = apply_rotary(k, k_positions, rotary_cos, rotary_sin, dtype=torch.float32).to(work)
     else:
         q_r, k_r = q, k
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
@@ -406,11 +375,17 @@ def cross_inject_attention_backward(
             Hq, Hq // Hk, D, Dv, scale, scale * LOG2E, LOW_PRECISION=low, **blocks,
         )
     if rotary:
-        dq = _rotate(dq, q_positions, rotary_cos, rotary_sin, inverse=True)
-        dk = _rotate(dk, k_positions, rotary_cos, rotary_sin, inverse=True)
+        dq = apply_rotary(dq, q_positions, rotary_cos, rotary_sin, transpose=True, dtype=torch.float32)
+        dk = apply_rotary(dk, k_positions, rotary_cos, rotary_sin, transpose=True, dtype=torch.float32)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def supports(args: dict) -> str | None:
+    """Every valid call: the kernels loop over sequences in blocks and keep whole head dims in
+    registers (a limit on very large head dims, if any, is still to be measured on a GPU)."""
+    return None
 
 
 register_cross_inject_attention("sharedllm_triton")
 
-__all__ = ["cross_inject_attention", "cross_inject_attention_backward"]
+__all__ = ["cross_inject_attention", "cross_inject_attention_backward", "supports"]

@@ -1,4 +1,4 @@
-"""Triton ``tree_topk`` (DESIGN 3.2) in one kernel, registered as ``sharedllm_triton::tree_topk``.
+"""Triton ``tree_topk`` (docs/DESIGN.md section 3.2) in one kernel, registered as ``sharedllm_triton::tree_topk``.
 
 One program per (sequence, chunk) scores the chunk's ``T`` nodes (a loop over D in blocks, float32
 accumulation), runs the level-by-level top-k descent on the vector of scores, and writes the
@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._registration import register_tree_topk
+from ..core.checks import check_tree_topk_arguments
+from ..core.registration import register_tree_topk
 from ..reference.tree_topk import level_offset, num_preserved
 from ._common import check_launch, next_pow2
 
@@ -112,16 +113,12 @@ def tree_topk(
     query: torch.Tensor, node_emb: torch.Tensor, depth: int, k: int, branching: int, score: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(node_ids int32 [B, C, P], scores float32 [B, C, T])`` (see ``sharedllm_ops.tree_topk``)."""
-    from ..ops.tree_topk import check_arguments  # here: ops imports this package
-
-    check_arguments(query, node_emb, depth, k, branching, score)
+    check_tree_topk_arguments(query, node_emb, depth, k, branching, score)
     check_launch("tree_topk", query)
     B, C, T, D = node_emb.shape
-    if T > MAX_NODES:
-        raise ValueError(
-            f"the Triton tree_topk handles trees of up to {MAX_NODES} nodes (it ranks them in registers), "
-            f"got depth={depth}, branching={branching}: {T} nodes; use backend='cuda' or 'reference'"
-        )
+    too_large = supports(dict(node_emb=node_emb))
+    if too_large:
+        raise ValueError(f"{too_large} (depth={depth}, branching={branching}); use backend='cuda' or 'reference'")
     P = num_preserved(depth, k, branching)
     ids = torch.empty(B, C, P, dtype=torch.int32, device=query.device)
     scores = torch.empty(B, C, T, dtype=torch.float32, device=query.device)
@@ -138,6 +135,14 @@ def tree_topk(
     return ids, scores
 
 
+def supports(args: dict) -> str | None:
+    """Trees of up to ``MAX_NODES`` nodes."""
+    nodes = args["node_emb"].shape[2]
+    if nodes > MAX_NODES:
+        return f"the Triton kernel takes trees of up to {MAX_NODES} nodes (it ranks them in registers), got {nodes}"
+    return None
+
+
 register_tree_topk("sharedllm_triton")
 
-__all__ = ["tree_topk"]
+__all__ = ["MAX_NODES", "supports", "tree_topk"]

@@ -1,7 +1,7 @@
 // csrc/cuda/cross_inject_attention.cu compiled as host C++ against the CPU emulator in include/,
 // behind torch.ops.sharedllm_emulated.cross_inject_attention(_backward) on CPU tensors, with the
 // checks and allocation of the real binding. Built by tests/test_cuda_emulated.py.
-#include "attention_binding.h"
+#include "cross_inject_attention_binding.h"
 
 // after every torch header: the emulator's macros (__shared__, __device__, ...) are for the kernels
 #include <cuda_runtime.h>

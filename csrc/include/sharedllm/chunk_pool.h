@@ -1,4 +1,4 @@
-// chunk_pool (DESIGN 3.1): pool every segment of a packed [N, H, D] tensor to P rows.
+// chunk_pool (docs/DESIGN.md section 3.1): pool every segment of a packed [N, H, D] tensor to P rows.
 #pragma once
 
 #include <cstdint>

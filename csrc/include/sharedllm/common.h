@@ -1,6 +1,7 @@
 // Shared, torch-free building blocks for the sharedllm kernels: storage types for 16-bit floats,
-// their conversions, host/device qualifiers and small math helpers. No torch header may be
-// included from csrc/: the binding layer in python/ maps torch types onto these.
+// their conversions, host/device qualifiers and small math helpers. The kernels (csrc/include,
+// csrc/cpu, csrc/cuda) include no torch header: the binding layer in csrc/torch/ maps torch types
+// onto these.
 #pragma once
 
 #include <cstdint>
@@ -110,5 +111,12 @@ SHAREDLLM_HOST_DEVICE inline int64_t pool_window_start(int64_t j, int64_t length
 SHAREDLLM_HOST_DEVICE inline int64_t pool_window_end(int64_t j, int64_t length, int64_t slots) {
   return ((j + 1) * length + slots - 1) / slots;
 }
+
+namespace cuda {
+// Shared memory a block may use, static and dynamic together, unless its kernel opts in to more
+// (cudaFuncAttributeMaxDynamicSharedMemorySize). The kernels that stay within it launch on every
+// GPU; their limits (build_info) follow from it.
+inline constexpr int64_t kMaxSharedBytesWithoutOptIn = 48 * 1024;
+}  // namespace cuda
 
 }  // namespace sharedllm

@@ -1,5 +1,5 @@
 // The two services the torch-free CPU kernels need from their host: a thread pool and a float32
-// GEMM. The binding layer (python/cpu_runtime.cpp) implements them with ATen's parallel_for and
+// GEMM. The binding layer (csrc/torch/cpu_runtime.cpp) implements them with ATen's parallel_for and
 // the BLAS that torch was built with; a standalone build may supply its own.
 #pragma once
 

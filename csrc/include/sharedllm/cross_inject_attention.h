@@ -1,4 +1,4 @@
-// cross_inject_attention (DESIGN 3.3): non-causal varlen attention from the decoder's queries to
+// cross_inject_attention (docs/DESIGN.md section 3.3): non-causal varlen attention from the decoder's queries to
 // the injected (compressed) context keys, with GQA and a fused HF-style rotary embedding.
 #pragma once
 
@@ -75,7 +75,8 @@ void cross_inject_attention_backward(const AttentionBackwardParams& p);
 
 namespace cuda {
 // The CUDA kernels stage a few float32 rows per warp in shared memory on their general path, which
-// bounds D + Dv; the tensor-core path (16-bit, D == Dv in {64, 128}) has no such staging.
+// bounds D + Dv; the tensor-core path (16-bit, D == Dv in {64, 128}) has no such staging. The
+// binding rejects larger head dims and build_info reports the bound as cuda_attention_max_head_dims.
 inline constexpr int64_t kMaxHeadDims = 4096;  // D + Dv
 
 // `nq`, `nk`: Nq and Nk (sequence bounds are clamped to them, so unvalidated cu_seqlens cannot

@@ -1,4 +1,4 @@
-// tree_topk (DESIGN 3.2): score every node of every chunk's tree against the sequence's query,
+// tree_topk (docs/DESIGN.md section 3.2): score every node of every chunk's tree against the sequence's query,
 // descend level by level keeping the k best, and emit the preserved nodes left to right.
 #pragma once
 
@@ -39,9 +39,20 @@ void tree_topk(const TreeTopkParams& p);
 }  // namespace cpu
 
 namespace cuda {
-// Shared memory one block needs for a tree of `nodes` nodes (scores and flags); the binding
-// rejects trees that do not fit.
-inline int64_t tree_topk_shared_bytes(int64_t nodes) { return nodes * (sizeof(float) + 1); }
+// One block of kTreeTopkThreads threads per chunk.
+inline constexpr int kTreeTopkThreads = 256;
+// Shared memory one block needs for a tree of `nodes` nodes, all of it dynamic: a float per warp
+// (the query norm's partial sums), then a float score and a flag byte per node.
+constexpr int64_t tree_topk_shared_bytes(int64_t nodes) {
+  return (kTreeTopkThreads / 32 + nodes) * static_cast<int64_t>(sizeof(float)) + nodes;
+}
+// The largest tree the CUDA tree_topk takes (its shared memory needs no opt-in); the binding
+// rejects larger ones and build_info reports it as cuda_tree_topk_max_nodes.
+constexpr int64_t tree_topk_max_nodes() {
+  return (kMaxSharedBytesWithoutOptIn - tree_topk_shared_bytes(0)) / (static_cast<int64_t>(sizeof(float)) + 1);
+}
+static_assert(tree_topk_shared_bytes(tree_topk_max_nodes()) <= kMaxSharedBytesWithoutOptIn &&
+              tree_topk_shared_bytes(tree_topk_max_nodes() + 1) > kMaxSharedBytesWithoutOptIn);
 template <typename T>
 void tree_topk(const TreeTopkParams& p, void* stream);
 }  // namespace cuda

@@ -8,8 +8,11 @@
 // m16n8k16 is rebuilt from the 32 lanes' fragments with the layout of the PTX ISA and multiplied
 // in float32. Static __shared__ arrays become function statics (one block runs at a time);
 // dynamic shared memory is NaN-filled before each block, so a read of unwritten shared memory
-// shows up in the results. What this cannot show: races between warps that real hardware would
-// interleave differently, memory-model effects, and timing.
+// shows up in the results. A launch asking for more dynamic shared memory than an sm_90 block may
+// have (48 KiB, or up to 227 KiB where the kernel opted in) fails as on the GPU: nothing runs and
+// cudaGetLastError reports it. What this cannot show: races between warps that real hardware would
+// interleave differently, memory-model effects, timing, and the static shared memory's share of
+// that limit.
 #pragma once
 
 #include <ucontext.h>
@@ -20,9 +23,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <type_traits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "sharedllm/common.h"
@@ -48,14 +53,35 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 using cudaError_t = int;
 using cudaStream_t = void*;
 constexpr cudaError_t cudaSuccess = 0;
+constexpr cudaError_t cudaErrorInvalidValue = 1;
 enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline const char* cudaGetErrorString(cudaError_t) { return "no error"; }
+
+namespace emulator {
+// sm_90's shared memory per block: the default, and the most a kernel may opt in to
+constexpr size_t kDefaultSharedBytes = 48 * 1024, kOptInSharedBytes = 227 * 1024;
+
+inline cudaError_t& last_error() {
+  static cudaError_t error = cudaSuccess;
+  return error;
+}
+// kernel -> the dynamic shared memory it opted in to (cudaFuncSetAttribute)
+inline std::map<const void*, size_t>& opted_in_shared_bytes() {
+  static std::map<const void*, size_t> bytes;
+  return bytes;
+}
+}  // namespace emulator
+
+inline cudaError_t cudaGetLastError() { return std::exchange(emulator::last_error(), cudaSuccess); }
+inline const char* cudaGetErrorString(cudaError_t error) {
+  return error == cudaSuccess ? "no error" : "invalid argument";
+}
 inline cudaError_t cudaGetDevice(int* device) { return *device = 0, cudaSuccess; }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) { return *value = 9, cudaSuccess; }  // sm_90
 template <typename F>
-cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) {
+cudaError_t cudaFuncSetAttribute(F kernel, cudaFuncAttribute, int bytes) {
+  if (bytes < 0 || static_cast<size_t>(bytes) > emulator::kOptInSharedBytes) return cudaErrorInvalidValue;
+  emulator::opted_in_shared_bytes()[reinterpret_cast<const void*>(kernel)] = static_cast<size_t>(bytes);
   return cudaSuccess;
 }
 
@@ -257,6 +283,14 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t 
   if (block_dim.y != 1 || block_dim.z != 1 || threads % 32 != 0 || threads > 1024) {
     std::fprintf(stderr, "cuda emulator: blocks must be 1-D whole warps, got %u threads\n", threads);
     std::abort();
+  }
+  const auto opted_in = emulator::opted_in_shared_bytes().find(reinterpret_cast<const void*>(kernel));
+  const size_t allowed = opted_in == emulator::opted_in_shared_bytes().end()
+                             ? emulator::kDefaultSharedBytes
+                             : std::max(emulator::kDefaultSharedBytes, opted_in->second);
+  if (shared_bytes > allowed) {  // the GPU refuses the launch; check_launch reports it
+    emulator::last_error() = cudaErrorInvalidValue;
+    return;
   }
   gridDim = grid;
   blockDim = block_dim;

@@ -1,5 +1,5 @@
 // torch.ops.sharedllm.cross_inject_attention / cross_inject_attention_backward on CPU.
-#include "attention_binding.h"
+#include "cross_inject_attention_binding.h"
 #include "ops.h"
 
 namespace sharedllm::binding {

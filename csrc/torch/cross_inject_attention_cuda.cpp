@@ -1,8 +1,8 @@
 // torch.ops.sharedllm.cross_inject_attention / cross_inject_attention_backward on CUDA: checks and
 // allocation shared with the CPU binding, the device guard and current stream, no host reads while a
 // CUDA graph is captured.
-#include "attention_binding.h"
-#include "cuda_runtime.h"
+#include "cross_inject_attention_binding.h"
+#include "cuda_stream.h"
 #include "ops.h"
 
 namespace sharedllm::binding {

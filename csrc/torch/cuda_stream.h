@@ -1,7 +1,7 @@
-// What the CUDA bindings share, through the stable ABI: a device guard for the data's device, the
-// current stream, and whether that stream is being captured into a CUDA graph (then nothing may
-// read device memory on the host, so value checks such as cu_seqlens ordering are skipped; the
-// kernels clamp their indices).
+// What the CUDA bindings (<op>_cuda.cpp) share, through the stable ABI: a device guard for the
+// data's device, the current stream, and whether that stream is being captured into a CUDA graph
+// (then nothing may read device memory on the host, so value checks such as cu_seqlens ordering
+// are skipped; the kernels clamp their indices).
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -4,6 +4,8 @@
 #include <sstream>
 
 #include "ops.h"
+#include "sharedllm/cross_inject_attention.h"
+#include "sharedllm/tree_topk.h"
 
 #ifndef SHAREDLLM_TORCH_VERSION
 #define SHAREDLLM_TORCH_VERSION "unknown"
@@ -31,6 +33,10 @@ std::string build_info() {
   s << "cuda_version=\ncuda_archs=\n";
 #endif
   s << "compiler=" << __VERSION__ << "\n";
+  // the CUDA kernels' limits, for Python's dispatch (sharedllm_ops/_ext.py); properties of the
+  // kernels' source, so CPU-only builds report them too
+  s << "cuda_attention_max_head_dims=" << cuda::kMaxHeadDims << "\n";
+  s << "cuda_tree_topk_max_nodes=" << cuda::tree_topk_max_nodes() << "\n";
   return s.str();
 }
 

@@ -1,6 +1,6 @@
 // The CPU (and, in CUDA builds, CUDA) implementations behind torch.ops.sharedllm.*, as registered
 // in registration.cpp. Each wrapper validates its inputs, allocates outputs and calls the
-// torch-free kernel in csrc/.
+// torch-free kernel in csrc/cpu or csrc/cuda.
 #pragma once
 
 #include "torch_api.h"

@@ -1,4 +1,5 @@
-"""Prefill of a long context by SharedLLM and by the baselines it is compared with (``bench/bench_model.py``).
+"""Prefill of a long context by SharedLLM and by the baselines it is compared with, for
+``bench/bench_model.py`` (checked by ``tests/test_baselines.py``).
 
 Every ``prefill_*`` function has the same shape, ``prefill_x(model, context_ids, decoder_ids, **options)``,
 reads the context ``context_ids`` ``[B, Lc]`` followed by the recent tokens ``decoder_ids`` ``[B, Ld]``
@@ -27,9 +28,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from .config import SharedLLMConfig
-from .modeling import SharedLLMForCausalLM
+from sharedllm_ops.model import SharedLLMConfig, SharedLLMForCausalLM
 
 # ---------------------------------------------------------------------------------------------
 # models
@@ -54,8 +57,6 @@ def random_llama(shape: dict, dtype: torch.dtype = torch.float32, device="cpu", 
     ``dtype``, SDPA attention, eval mode. Deterministic given ``seed`` on one device (the global RNG
     state is left untouched). ``max_position_embeddings`` does not limit the default RoPE, so longer
     inputs than the shape's training length run (as they must for full attention at 128K)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(**{**shape, **overrides})
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -183,8 +184,6 @@ def prefill_streaming(
     positions inside the cache (``0..window-1``, re-rotating the kept keys); that is omitted here,
     which changes the outputs but not the cost.
     """
-    from transformers import DynamicCache
-
     _check_inputs(context_ids, decoder_ids)
     if not 0 <= sink < window:
         raise ValueError(f"need 0 <= sink < window, got sink={sink}, window={window}")
@@ -249,6 +248,19 @@ def _storage_key(t: torch.Tensor):
         return None
 
 
+class _ReportOutputs(TorchDispatchMode):
+    """Runs every op as usual and hands its outputs and inputs to ``meter.record``."""
+
+    def __init__(self, meter: "_LiveTensorBytes"):
+        super().__init__()
+        self.meter = meter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.meter.record(out, args, kwargs)
+        return out
+
+
 class _LiveTensorBytes:
     """Counts the bytes of the tensor storages that ops create while it is active, and their peak.
 
@@ -259,25 +271,13 @@ class _LiveTensorBytes:
     """
 
     def __init__(self, device: torch.device):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        meter = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                meter.record(out, args, kwargs)
-                return out
-
-        self.mode = Mode()
+        self.mode = _ReportOutputs(self)
         self.device = device
         self.refs: dict = {}  # storage key -> [nbytes, number of live tensors seen on it]
         self.current = 0
         self.peak = 0
 
     def record(self, out, args, kwargs) -> None:
-        from torch.utils._pytree import tree_leaves
-
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.device == self.device]
         if not outputs:
             return

@@ -1,14 +1,14 @@
 """Fake kernels and autograd formulas of the ops, registered once per op namespace: ``sharedllm``
 (the C++/CUDA extension) and ``sharedllm_triton`` (the Triton kernels) share them, since the ops
-have the same schemas there. Imports only torch and the argument checks, so the Triton modules can
-use it while ``sharedllm_ops.ops`` is still importing."""
+have the same schemas there. The extension loader (``sharedllm_ops._ext``) registers the first, the
+Triton package the second."""
 
 from __future__ import annotations
 
 import torch
 
 from ..reference.tree_topk import num_preserved
-from . import _validate as V
+from .checks import check_devices
 
 
 def register_chunk_pool(namespace: str) -> None:
@@ -16,12 +16,12 @@ def register_chunk_pool(namespace: str) -> None:
 
     @torch.library.register_fake(f"{namespace}::chunk_pool")
     def _fake(x, cu_seqlens, tokens_per_node, mode):
-        V.check_devices(x, cu_seqlens=cu_seqlens)
+        check_devices(x, cu_seqlens=cu_seqlens)
         return x.new_empty((cu_seqlens.shape[0] - 1) * tokens_per_node, x.shape[1], x.shape[2])
 
     @torch.library.register_fake(f"{namespace}::chunk_pool_backward")
     def _backward_fake(grad_out, cu_seqlens, num_rows, tokens_per_node, mode):
-        V.check_devices(grad_out, cu_seqlens=cu_seqlens)
+        check_devices(grad_out, cu_seqlens=cu_seqlens)
         return grad_out.new_empty(num_rows, grad_out.shape[1], grad_out.shape[2])
 
     def setup_context(ctx, inputs, output):
@@ -43,7 +43,7 @@ def register_tree_topk(namespace: str) -> None:
 
     @torch.library.register_fake(f"{namespace}::tree_topk")
     def _fake(query, node_emb, depth, k, branching, score):
-        V.check_devices(query, node_emb=node_emb)
+        check_devices(query, node_emb=node_emb)
         B, C, T = node_emb.shape[0], node_emb.shape[1], node_emb.shape[2]
         return (
             query.new_empty(B, C, num_preserved(depth, k, branching), dtype=torch.int32),
@@ -56,7 +56,7 @@ def register_cross_inject_attention(namespace: str) -> None:
 
     @torch.library.register_fake(f"{namespace}::cross_inject_attention")
     def _fake(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, q_positions, k_positions, cos, sin):
-        V.check_devices(q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        check_devices(q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                         q_positions=q_positions, k_positions=k_positions, rotary_cos=cos, rotary_sin=sin)
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
         lse = q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)

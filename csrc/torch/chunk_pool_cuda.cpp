@@ -1,7 +1,7 @@
 // torch.ops.sharedllm.chunk_pool / chunk_pool_backward on CUDA: checks and allocation shared with
 // the CPU binding, the device guard and current stream, no host reads while a graph is captured.
 #include "chunk_pool_binding.h"
-#include "cuda_runtime.h"
+#include "cuda_stream.h"
 #include "ops.h"
 
 namespace sharedllm::binding {
