@@ -1,5 +1,5 @@
 // Input validation shared by the CPU and CUDA bindings. Every failure throws std::invalid_argument
-// (a RuntimeError in Python) whose message names the argument and what was expected.
+// (a ValueError in Python, as from the public functions) whose message names the argument and what was expected.
 #pragma once
 
 #include <algorithm>

@@ -23,9 +23,8 @@ using Tensor = torch::stable::Tensor;
 using ScalarType = torch::headeronly::ScalarType;
 using Device = torch::stable::Device;
 
-// Bad arguments throw std::invalid_argument with a message naming the argument. (The stable ABI
-// reports every C++ exception as a RuntimeError; the public Python functions raise ValueError for
-// the same conditions before the op is called.)
+// Bad arguments throw std::invalid_argument with a message naming the argument; Python sees a
+// ValueError, as from the public functions' own checks (tests/test_<op>.py call the ops directly).
 template <typename... Parts>
 [[noreturn]] void fail(const Parts&... parts) {
   std::ostringstream message;
