@@ -49,4 +49,9 @@ fi
 $PY -m pytest bench --benchmark-only -q -p no:cacheprovider -k "gpu" --benchmark-json="$OUT/gpu.json" > "$OUT/bench.log" 2>&1
 echo "bench: rc=$? ($(tail -1 "$OUT/bench.log"))"
 $PY bench/report.py "$OUT/gpu.json" > "$OUT/gpu.md" 2>&1 && cat "$OUT/gpu.md"
+# long-context compression (bench/bench_long.py): embedded SmolLM2 + shipped injector in bf16, 8K-128K
+# tokens, one fresh process per size (about a minute); without transformers or the model it says "skipped"
+timeout 180 $PY -m bench.bench_long --device cuda --dtype bfloat16 --sizes 8192 32768 131072 \
+  --output "$OUT/long_gpu.md" > "$OUT/long_gpu.log" 2>&1
+echo "long-context compression: rc=$? ($(grep -m1 '^skipped' "$OUT/long_gpu.log" || echo "table in long_gpu.md"))"
 echo "total: $((SECONDS - start)) s"

@@ -5,6 +5,7 @@ unwrapped deep copy made before wrapping serves as the oracle where the base mod
 output is expected."""
 
 import copy
+import dataclasses
 import gc
 import inspect
 import os
@@ -27,8 +28,11 @@ from transformers import (  # noqa: E402
 )
 
 from sharedllm_ops.model import SharedLLMConfig, SharedLLMForCausalLM  # noqa: E402
-from sharedllm_ops.model.modeling import WEIGHTS_NAME  # noqa: E402
+from sharedllm_ops.model.demo import held_out_table  # noqa: E402
+from sharedllm_ops.model.evaluate import perplexity_table, sharedllm_perplexity  # noqa: E402
+from sharedllm_ops.model.modeling import SUPPORTED_MODEL_TYPES, WEIGHTS_NAME  # noqa: E402
 from sharedllm_ops.model.pretrained import tiny_config  # noqa: E402
+from sharedllm_ops.model.train import enable_activation_checkpointing  # noqa: E402
 
 ARCHS = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
 PAD, EOS = 0, 1
@@ -609,6 +613,60 @@ def test_tree_selection_through_forward_uses_input_ids_as_query():
     assert (right - expected).abs().max() > 1e-4, "selection has no effect on the logits"
 
 
+def test_scored_tokens_do_not_choose_their_context():
+    """The perplexity's retrieval query is the window before the scored tokens: an X among the
+    scored tokens leaves the preserved nodes as they are, where as part of the query it would
+    have drawn the descent to the context's X's."""
+    model = one_hot_model()
+    context = torch.cat([_chunk(7, 70), _chunk(15, 71)])
+    window, last = tokens(6, seed=72, low=10, high=64), 2
+    nodes, whole_window_nodes = {}, {}
+    for scored in (X_TOKEN, 20):
+        w = window.clone()
+        w[-1] = scored
+        _, _, ctx = sharedllm_perplexity(model, torch.cat([context, w]), window=6, last=last)
+        nodes[scored] = _spans(ctx.nodes, 0)
+        whole_window_nodes[scored] = _spans(model.compress_context(context[None], query_input_ids=w[None]).nodes, 0)
+    assert nodes[X_TOKEN] == nodes[20] == _expected([None, None])
+    assert whole_window_nodes[X_TOKEN] == _expected([7, 15]) != whole_window_nodes[20]
+
+
+class _ByteTokenizer:
+    """One id per UTF-8 byte, inside the tiny model's vocabulary."""
+
+    def __call__(self, text, add_special_tokens=False, verbose=False):
+        return {"input_ids": [3 + b % 120 for b in text.encode("utf-8")]}
+
+
+def test_every_evaluation_queries_the_window_before_the_scored_tokens(monkeypatch):
+    """eval-ppl and the demo (``perplexity_table``) and training's held-out table (``held_out_table``)
+    compress with the window minus its last ``last`` tokens as the retrieval query."""
+    queries = []
+    compress = SharedLLMForCausalLM.compress_context
+
+    def spy(self, context_input_ids, context_lengths=None, query_input_ids=None, *args, **kwargs):
+        queries.append(query_input_ids)
+        return compress(self, context_input_ids, context_lengths, query_input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(SharedLLMForCausalLM, "compress_context", spy)
+    window, last = 48, 16
+    ids = tokens(300, seed=73)
+    rows = perplexity_table(make_base(), ids, window, last, chunk_size=32)
+    assert len(rows) == 4 and len(queries) == 2  # two SharedLLM rows
+    for query in queries:
+        assert torch.equal(query, ids[-window:-last][None])
+
+    queries.clear()
+    model, _ = wrap(num_injected_layers=2, chunk_size=32, tree_depth=2, tokens_per_node=4)
+    model._tokenizer = _ByteTokenizer()
+    table = held_out_table(model, ["functools.py"], window=window, last=last, max_tokens=300)
+    assert "| functools.py |" in table
+    from sharedllm_ops.model.text import module_text, tokenize_text
+
+    held_out = tokenize_text(model._tokenizer, module_text("functools.py"), 300)
+    assert len(queries) == 1 and torch.equal(queries[0], held_out[-window:-last][None])
+
+
 # --------------------------------------------------------------------------------------------
 # 7. split noise
 
@@ -641,6 +699,28 @@ def test_split_noise_only_in_training_and_seeded():
         s, ln = nodes.start[sel], nodes.length[sel]
         assert s[0] == 0 and torch.equal(s[1:], (s + ln)[:-1]) and int((s + ln)[-1]) == n
         assert bool((ln > 0).all())
+
+
+def test_from_base_and_from_pretrained_return_eval_mode(tmp_path):
+    """As transformers' from_pretrained: no split noise at inference unless ``.train()`` is called."""
+    cfg = SharedLLMConfig(num_injected_layers=1, chunk_size=64, tree_depth=3, tokens_per_node=4, split_noise_std=0.2)
+    built = SharedLLMForCausalLM.from_base(make_base().train(), cfg)
+    built.save_pretrained(tmp_path)
+    loaded = SharedLLMForCausalLM.from_pretrained(tmp_path, make_base().train())
+    noiseless = SharedLLMForCausalLM.from_base(make_base(), dataclasses.replace(cfg, split_noise_std=0.0))
+    ctx, query, lens = tokens(2, 150, seed=13), tokens(2, 5, seed=14), [150, 130]
+
+    def spans(m, seed):
+        torch.manual_seed(seed)
+        n = m.compress_context(ctx, lens, query_input_ids=query).nodes
+        return n.start.tolist(), n.length.tolist()
+
+    expected = spans(noiseless, 0)
+    for name, model in (("from_base", built), ("from_pretrained", loaded)):
+        assert not any(m.training for m in model.modules()), name
+        assert spans(model, 1) == spans(model, 2) == expected, name
+        model.train()
+        assert spans(model, 1) != expected, f"{name}: .train() no longer turns the split noise on"
 
 
 # --------------------------------------------------------------------------------------------
@@ -912,6 +992,49 @@ def test_set_trainable_cross_top_and_merge():
         model.set_trainable("cross+top", top_layers=0)
 
 
+@pytest.mark.parametrize("cfg, trainable", [
+    (dict(), ("cross",)),
+    (dict(positions="true", share_lower=False), ("cross",)),
+    (dict(injection="merge", positions="true", num_injected_layers=4), ("cross+top", 2)),
+    (dict(), ("cross+top", 4)),  # the shared lower layers train too: the packed passes need gradients
+])
+def test_activation_checkpointing_keeps_the_loss_and_the_gradients(cfg, trainable):
+    """A checkpointed layer is recomputed in the backward, after the call that injected the context
+    has ended; the recomputation must see that context again."""
+    c, lens, x, seeds = tokens(2, 64, seed=80), torch.tensor([64, 40]), tokens(2, 24, seed=81), torch.tensor([1, 2])
+
+    def step(checkpointing):
+        torch.manual_seed(0)  # the random cross blocks
+        model, _ = wrap(**{**dict(num_injected_layers=2, chunk_size=16, tree_depth=2, tokens_per_node=3,
+                                  split_noise_std=0.2, cross_init="random"), **cfg})
+        model.set_trainable(*trainable)
+        if checkpointing:
+            enable_activation_checkpointing(model.base_model)
+        model.train()
+        calls = []
+        model.base_model.model.layers[-1].self_attn.register_forward_hook(lambda *a: calls.append(1))
+        loss = model(x, context_input_ids=c, context_lengths=lens, labels=x, split_noise_seeds=seeds).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return model, loss.item(), grads, len(calls)
+
+    _, loss, grads, calls = step(False)
+    model, loss_ckpt, grads_ckpt, calls_ckpt = step(True)
+    assert calls_ckpt == calls + 1, "the top layer was not recomputed: nothing is checkpointed"
+    assert loss_ckpt == loss
+    assert sorted(grads_ckpt) == sorted(grads)
+    # (a copied lower layer M - 1 gets none past its keys/values: the lower pass stops there)
+    assert all(grads[n] is not None for n in grads if n.startswith("cross_blocks."))
+    for name, g in grads.items():
+        if g is None:
+            assert grads_ckpt[name] is None, name
+        else:
+            close(grads_ckpt[name], g, name, atol=0.0, rtol=0.0)
+    base = model.unwrap()
+    assert not any(hasattr(vars(layer).get("_gradient_checkpointing_func"), "_sharedllm_state")
+                   for layer in base.model.layers)
+
+
 # --------------------------------------------------------------------------------------------
 # 11. bad input
 
@@ -997,6 +1120,36 @@ def test_bad_base_models_raise():
     SharedLLMForCausalLM.from_base(base, num_injected_layers=4)
     with pytest.raises(ValueError, match="already wrapped"):
         SharedLLMForCausalLM.from_base(base)
+
+
+# transformers classes of Llama-shaped models whose decoder layer is not Llama's
+UNSUPPORTED = {"gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),  # attention output normed before the residual add
+               "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+               "granite": ("GraniteConfig", "GraniteForCausalLM")}  # embedding and residual multipliers
+
+
+@pytest.mark.parametrize("model_type", list(UNSUPPORTED))
+def test_llama_shaped_models_with_another_layer_are_refused(model_type):
+    import transformers
+
+    config_name, model_name = UNSUPPORTED[model_type]
+    if not hasattr(transformers, config_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {config_name}")
+    config = getattr(transformers, config_name)(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                                intermediate_size=64, max_position_embeddings=256)
+    base = getattr(transformers, model_name)(config)
+    assert base.config.model_type == model_type
+    with pytest.raises(ValueError, match=rf"model_type '{model_type}'.*supported model types: llama, mistral, qwen2"):
+        SharedLLMForCausalLM.from_base(base)
+    assert not getattr(base, "_sharedllm_wrapped", False)
+
+
+def test_every_supported_model_type_is_tested_and_wraps():
+    assert set(SUPPORTED_MODEL_TYPES) == set(ARCHS)
+    for arch in ARCHS:
+        model = SharedLLMForCausalLM.from_base(make_base(arch), num_injected_layers=2)
+        assert model.base_model.config.model_type == arch
 
 
 # --------------------------------------------------------------------------------------------

@@ -59,6 +59,51 @@ def test_chunk_layout_exact_multiples_and_all_empty():
     assert empty.row.numel() == 0 and empty.num_chunks.tolist() == [0, 0]
 
 
+def test_chunk_layout_continuing_earlier_chunks_counts_them():
+    layout = context.chunk_layout(torch.tensor([40, 0, 5]), 16, first_chunk=torch.tensor([2, 3, 0]))
+    assert layout.row.tolist() == [0, 0, 0, 2]
+    assert layout.index.tolist() == [2, 3, 4, 0]
+    assert layout.start.tolist() == [32, 48, 64, 0]
+    assert layout.length.tolist() == [16, 16, 8, 5]
+    assert layout.num_chunks.tolist() == [5, 3, 1]
+    assert layout.take(1, 3).index.tolist() == [3, 4] and layout.take(1, 3).num_chunks.tolist() == [5, 3, 1]
+
+
+# --------------------------------------------------------------------------------------------
+# context_tokens: the tokens one compression call reads
+
+
+def test_context_tokens_of_a_new_context_and_their_tail():
+    ids = torch.arange(30).view(3, 10)
+    tokens, reopened = context.context_tokens(ids, torch.tensor([10, 0, 7]), 4)
+    assert not reopened.any() and tokens.first_chunk.tolist() == [0, 0, 0]
+    assert tokens.total_lengths.tolist() == [10, 0, 7]
+    assert tokens.tail().tolist() == [[8, 9, 0], [0, 0, 0], [24, 25, 26]]  # 10 % 4, 0, 7 % 4 tokens
+    assert tokens.flat_index(torch.tensor([2, 2]), torch.tensor([0, 6])).tolist() == [20, 26]
+
+
+def test_context_tokens_continuing_reopen_unfinished_chunks():
+    """Rows: an unfinished chunk (6 % 4 = 2 tokens) continued; a finished one (8) continued; an
+    unfinished one (5) without new tokens (not reopened, its tail stays); nothing before (0)."""
+    before = torch.tensor([6, 8, 5, 0])
+    tail = torch.tensor([[104, 105], [0, 0], [204, 0], [0, 0]])
+    ids = torch.tensor([[1, 2, 3], [11, 12, 13], [0, 0, 0], [31, 32, 0]])
+    tokens, reopened = context.context_tokens(ids, torch.tensor([3, 3, 0, 2]), 4, before, tail)
+    assert reopened.tolist() == [True, False, False, False]
+    assert tokens.lengths.tolist() == [5, 3, 0, 2]
+    assert tokens.ids[:, :5].tolist()[0] == [104, 105, 1, 2, 3]
+    assert tokens.ids[1, :3].tolist() == [11, 12, 13] and tokens.ids[3, :2].tolist() == [31, 32]
+    assert tokens.first_chunk.tolist() == [1, 2, 2, 0]  # the reopened chunk; after the last chunk
+    assert tokens.total_lengths.tolist() == [9, 11, 5, 2]
+    # the token at position 6 of row 0 (the first new one) and position 8 of row 1
+    flat = tokens.flat_index(torch.tensor([0, 1]), torch.tensor([6, 8]))
+    assert tokens.ids.reshape(-1)[flat].tolist() == [1, 11]
+    assert tokens.tail().tolist() == [[3, 0, 0], [11, 12, 13], [204, 0, 0], [31, 32, 0]]
+    layout = context.chunk_layout(tokens.lengths, 4, tokens.first_chunk)
+    assert layout.index.tolist() == [1, 2, 2, 0] and layout.start.tolist() == [4, 8, 8, 0]
+    assert layout.num_chunks.tolist() == [3, 3, 2, 1]
+
+
 # --------------------------------------------------------------------------------------------
 # tree_node_spans
 

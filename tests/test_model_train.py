@@ -1,6 +1,7 @@
 """``sharedllm-ops train`` (``sharedllm_ops.model.train``) on a tiny random Llama and a byte tokenizer.
 
-* the training loop: a few steps lower the loss on held-out samples;
+* the training loop: a few steps lower the loss on held-out samples; activation checkpointing
+  changes neither the losses nor the weights;
 * checkpoints: an interrupted run resumes where it stopped and ends exactly as an uninterrupted
   run; a finished run can be extended;
 * determinism: the losses depend on the seed only; ``draw_batch`` gives every rank its rows of a
@@ -146,6 +147,17 @@ def test_a_few_steps_lower_the_held_out_loss(data_dir, tmp_path):
     assert_same_tensors(injector(reloaded), injector(model), "reloaded checkpoint")
     assert saved_state(result["checkpoint"])["losses"] == losses
     assert json.loads((result["checkpoint"] / "train_config.json").read_text()) == dataclasses.asdict(cfg)
+
+
+def test_activation_checkpointing_trains_as_without_it(data_dir, tmp_path):
+    """``--activation-checkpointing`` recomputes the layers in the backward, after the context's
+    injection has ended: the losses and the trained weights must be those of the plain run."""
+    plain = run(config(data_dir, tmp_path / "plain", steps=3))
+    checkpointed = run(config(data_dir, tmp_path / "checkpointed", steps=3, activation_checkpointing=True))
+    layers = checkpointed["model"].base_model.model.layers
+    assert all(layer.gradient_checkpointing for layer in layers), "the run did not checkpoint"
+    assert checkpointed["losses"] == plain["losses"]
+    assert_same_tensors(injector(checkpointed["model"]), injector(plain["model"]), "checkpointed vs plain")
 
 
 class Interrupted(Exception):

@@ -7,15 +7,15 @@ import argparse
 
 import torch
 
-from . import demo, eval_ppl, info, ops, train
+from . import demo, eval_long, eval_ppl, info, ops, train
 
 # command name -> its module, in the order ``--help`` lists them
-COMMANDS = {"info": info, "demo": demo, "eval-ppl": eval_ppl, "train": train, "ops": ops}
+COMMANDS = {"info": info, "demo": demo, "eval-ppl": eval_ppl, "eval-long": eval_long, "train": train, "ops": ops}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sharedllm-ops", description="SharedLLM kernels and model: build info, "
-                                     "kernel check, demo, perplexity, training.")
+                                     "kernel check, demo, perplexity, long context, training.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         command = commands.add_parser(name, help=module.HELP)

@@ -69,7 +69,7 @@ class PackedPass:
         for b in torch.unique(bucket_of).tolist():
             seg = nonempty[bucket_of == b]
             seg_len = lengths[seg]
-            width = int(seg_len.max())
+            width = 2 ** int(b)  # a function of the bucket alone: a segment gets the same bits in any pack
             pos = torch.arange(width, device=cu.device)
             valid = pos[None, :] < seg_len[:, None]
             index = torch.where(valid, cu[seg][:, None] + pos[None, :], 0)

@@ -1,13 +1,21 @@
 """Compression: a batch of contexts in, a :class:`CompressedContext` out (docs/DESIGN.md section 5).
 
-:class:`ContextCompressor` runs SharedLLM's context path on the networks of a wrapped model:
+:class:`ContextCompressor` runs SharedLLM's context path on the networks of a wrapped model. Every
+chunk long enough gets a binary tree of node spans (split noise included), all drawn up front;
+then the chunks are worked through in **groups** of at most ``max_pass_tokens`` context tokens
+(in (sequence, chunk) order; a longer chunk is a group of its own), each group in three stages:
 
-1. **retrieve**: every chunk long enough gets a binary tree of node spans; ``retrieval="query"``
-   encodes the question (one upper layer) and every tree node (one lower layer) and keeps the
-   nodes ``tree_topk`` selects, ``"right"`` always expands the right child;
-2. **encode**: the lower model runs once over all preserved nodes, packed into one row of
+1. **retrieve**: ``retrieval="query"`` encodes the question once (one upper layer) and, level by
+   level, only the tree nodes ``tree_topk``'s descent compares (one lower layer, ``retrieval.py``);
+   ``"right"`` always expands the right child;
+2. **encode**: the lower model runs over the group's preserved nodes, packed into one row of
    independent causal segments, and the keys/values of its ``M`` layers are captured;
 3. **pool**: ``chunk_pool`` compresses every node longer than ``tokens_per_node`` to that many rows.
+
+Only the compressed keys/values, the nodes and the counts outlive a group, so the memory of a
+call is one group's activations plus the compressed context, whatever its length; every chunk's
+result depends on that chunk alone, so the groups give what one pass would. A context grows
+(``into=``) by compressing only the new chunks, after reopening an unfinished last chunk.
 
 The index arithmetic lives in ``context.py``; the packed passes run through the attention function
 (``attention.py``), switched on by the injection state's ``packed`` field.
@@ -16,93 +24,32 @@ The index arithmetic lives in ``context.py``; the packed passes run through the 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 import sharedllm_ops as so
 
+from .arguments import check_context, check_into, check_query, check_split_noise_seeds, pass_tokens
 from .attention import PackedPass, StopEncoding
+from .compressed import CompressedContext
 from .config import SharedLLMConfig
 from .context import (
-    BRANCHING,
     ChunkLayout,
-    PreservedNodes,
+    ContextTokens,
+    chunk_groups,
     chunk_layout,
     compressed_row_sources,
     compressed_rows,
+    concat_nodes,
+    context_tokens,
     pack_segments,
     preserved_nodes,
     right_descent_node_ids,
     segment_cu_seqlens,
     tree_node_spans,
 )
-
-
-@dataclass
-class CompressedContext:
-    """A batch of contexts compressed for injection; reusable across forward passes and questions.
-
-    Attributes:
-        keys, values: one ``[Nk, Hk, D]`` tensor per injected layer (all sequences packed).
-        cu_seqlens: int32 ``[B + 1]`` boundaries of each sequence's rows in ``keys``/``values``.
-        k_positions: int32 ``[Nk]`` chunk index of every row (``positions="chunk"``), else None.
-        num_chunks: int32 ``[B]`` (``n`` of Eq. 2: the query position); ``max_chunks`` its maximum.
-        context_lengths: int64 ``[B]`` original context lengths (decoder offset for ``positions="true"``).
-        nodes: the preserved nodes (sequence, chunk, start, length), left to right.
-        stats: sizes and per-stage seconds (``retrieve``, ``encode``, ``pool``).
-    """
-
-    keys: list
-    values: list
-    cu_seqlens: torch.Tensor
-    k_positions: torch.Tensor | None
-    num_chunks: torch.Tensor
-    max_chunks: int
-    context_lengths: torch.Tensor
-    nodes: PreservedNodes | None = None
-    stats: dict = field(default_factory=dict)
-
-    @property
-    def batch_size(self) -> int:
-        return self.cu_seqlens.numel() - 1
-
-    @property
-    def device(self) -> torch.device:
-        return self.cu_seqlens.device
-
-    def to(self, device) -> "CompressedContext":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(
-            self,
-            keys=[move(k) for k in self.keys],
-            values=[move(v) for v in self.values],
-            cu_seqlens=move(self.cu_seqlens),
-            k_positions=move(self.k_positions),
-            num_chunks=move(self.num_chunks),
-            context_lengths=move(self.context_lengths),
-            nodes=None if self.nodes is None else PreservedNodes(*(move(t) for t in vars(self.nodes).values())),
-        )
-
-    def repeat_interleave(self, repeats: int) -> "CompressedContext":
-        """Each sequence repeated ``repeats`` times in place (as generation expands its batch)."""
-        if repeats == 1:
-            return self
-        cu = self.cu_seqlens.long()
-        row = torch.arange(self.batch_size, device=cu.device).repeat_interleave(repeats)
-        packed = pack_segments(cu[:-1][row], (cu[1:] - cu[:-1])[row])
-        take = lambda t: None if t is None else t[packed.index]  # noqa: E731
-        return replace(
-            self,
-            keys=[take(k) for k in self.keys],
-            values=[take(v) for v in self.values],
-            cu_seqlens=packed.cu_seqlens,
-            k_positions=take(self.k_positions),
-            num_chunks=self.num_chunks[row],
-            context_lengths=self.context_lengths[row],
-            nodes=None,  # describes the original batch only
-        )
+from .retrieval import descend
 
 
 class ContextCompressor:
@@ -192,64 +139,17 @@ class ContextCompressor:
         query = hidden[last] if hidden.shape[0] else hidden.new_zeros(counts.numel(), hidden.shape[-1])
         return torch.where((counts > 0)[:, None], query, 0.0)
 
-    def node_embeddings(self, flat_ids, Lc, chunks: ChunkLayout, which, node_start, node_len):
-        """``[len(which), T, hidden]``: each tree node encoded in isolation by one lower layer, its last token, normed."""
-        first = (chunks.row[which] * Lc + chunks.start[which])[:, None] + node_start
-        packed = pack_segments(first.flatten(), node_len.flatten())
+    def node_embeddings(self, tokens: ContextTokens, row, start, length):
+        """``[n, k, hidden]``: nodes encoded in isolation by one lower layer, their last token, normed.
+
+        ``row`` ``[n]``: the sequence of each of ``n`` chunks; ``start``, ``length`` ``[n, k]``: its
+        nodes' spans in the sequence."""
+        packed = pack_segments(tokens.flat_index(row[:, None], start).flatten(), length.flatten())
         positions = packed.offset
         if self.config.positions == "true":
-            positions = positions + (chunks.start[which][:, None] + node_start).flatten()[packed.segment]
-        hidden = self.last_token_states(flat_ids[packed.index], positions, packed.cu_seqlens, self.lower[0])
-        return self.decoder.norm(hidden).view(*node_start.shape, -1)
-
-    # ------------------------------------------------------------------------------------------
-    # argument checks
-
-    def check_query(self, query_input_ids, query_attention_mask, batch: int) -> None:
-        if not isinstance(query_input_ids, torch.Tensor) or query_input_ids.dim() != 2:
-            raise ValueError("query_input_ids must be an integer tensor [B, L]")
-        if query_input_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"query_input_ids must be int64 (or int32) token ids, got {query_input_ids.dtype}")
-        if query_input_ids.device != self.device:
-            raise ValueError(f"query_input_ids is on {query_input_ids.device} but the model is on {self.device}")
-        if query_input_ids.shape[0] != batch:
-            raise ValueError(f"query_input_ids has batch {query_input_ids.shape[0]}, the context has {batch}")
-        if query_attention_mask is not None:
-            if not isinstance(query_attention_mask, torch.Tensor) or query_attention_mask.shape != query_input_ids.shape:
-                raise ValueError(
-                    f"query_attention_mask must have the shape of query_input_ids {tuple(query_input_ids.shape)}, got "
-                    f"{getattr(query_attention_mask, 'shape', type(query_attention_mask).__name__)}"
-                )
-            if query_attention_mask.device != self.device:
-                raise ValueError(f"query_attention_mask is on {query_attention_mask.device} but the model is on {self.device}")
-
-    def check_context(self, context_input_ids, context_lengths) -> torch.Tensor:
-        """int64 ``[B]``: the checked ``context_lengths`` (default: the width of ``context_input_ids``)."""
-        if not isinstance(context_input_ids, torch.Tensor) or context_input_ids.dim() != 2:
-            raise ValueError("context_input_ids must be an integer tensor [B, Lc]")
-        if context_input_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"context_input_ids must be int64 (or int32) token ids, got {context_input_ids.dtype}")
-        if context_input_ids.device != self.device:
-            raise ValueError(
-                f"context_input_ids is on {context_input_ids.device} but the model is on {self.device}"
-            )
-        B, Lc = context_input_ids.shape
-        if B == 0 or Lc == 0:
-            raise ValueError(
-                f"context_input_ids is empty (shape {tuple(context_input_ids.shape)}): pass context_input_ids=None "
-                "for no context, or context_lengths with zeros for rows without context"
-            )
-        if context_lengths is None:
-            return torch.full((B,), Lc, dtype=torch.long, device=self.device)
-        lengths = torch.as_tensor(context_lengths)
-        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.shape != (B,):
-            raise ValueError(f"context_lengths must be integers of shape [B={B}], got {lengths.dtype} {tuple(lengths.shape)}")
-        if lengths.device != self.device and lengths.device.type != "cpu":
-            raise ValueError(f"context_lengths is on {lengths.device} but the model is on {self.device}")
-        lengths = lengths.to(self.device, torch.long)
-        if bool((lengths < 0).any()) or bool((lengths > Lc).any()):
-            raise ValueError(f"context_lengths must be in [0, {Lc}] (the width of context_input_ids), got {lengths.tolist()}")
-        return lengths
+            positions = positions + start.flatten()[packed.segment]
+        hidden = self.last_token_states(tokens.ids.reshape(-1)[packed.index], positions, packed.cu_seqlens, self.lower[0])
+        return self.decoder.norm(hidden).view(*start.shape, -1)
 
     # ------------------------------------------------------------------------------------------
     # the whole path
@@ -262,44 +162,114 @@ class ContextCompressor:
         query_attention_mask: torch.Tensor | None = None,
         split_noise_seeds: torch.Tensor | None = None,
         training: bool = False,
+        max_pass_tokens: int | None = None,
+        into: CompressedContext | None = None,
     ) -> CompressedContext:
         """See :meth:`SharedLLMForCausalLM.compress_context`; ``training`` turns the split noise on."""
         cfg = self.config
-        lengths = self.check_context(context_input_ids, context_lengths)
-        B, Lc = context_input_ids.shape
-        flat_ids = context_input_ids.reshape(-1).long()
+        lengths = check_context(context_input_ids, context_lengths, self.device)
+        limit = pass_tokens(max_pass_tokens, cfg)
+        B = lengths.numel()
+        if into is None:
+            tokens, reopened = context_tokens(context_input_ids, lengths, cfg.chunk_size)
+        else:
+            check_into(into, B, self.device, cfg)
+            tokens, reopened = context_tokens(context_input_ids, lengths, cfg.chunk_size, into.context_lengths,
+                                              into.tail_input_ids)
         timer = _StageTimer(self.device)
-        chunks = chunk_layout(lengths, cfg.chunk_size)
+        chunks = chunk_layout(tokens.lengths, cfg.chunk_size, tokens.first_chunk)
+        splittable, node_start, node_len = self.trees(chunks, split_noise_seeds, training)
+        query = None
+        if node_start.shape[0] and cfg.retrieval == "query" and query_input_ids is not None:
+            check_query(query_input_ids, query_attention_mask, B, self.device)
+            with torch.no_grad():
+                query = self.retrieval_query(query_input_ids, query_attention_mask, tokens.total_lengths)
+        timer.stage("retrieve")
+
+        M = cfg.num_injected_layers
+        stats = dict(passes=0, peak_group_tokens=0, embedded_nodes=0, embedded_tokens=0)
+        trees_before = [0] + torch.cumsum(splittable, 0).tolist()  # splittable chunks before each chunk
+        groups = []  # per group: (nodes, keys, values); group activations are freed as each one ends
+        for first, end in chunk_groups(chunks.length, limit):
+            t0, t1 = trees_before[first], trees_before[end]
+            groups.append(self.compress_group(tokens, chunks.take(first, end), splittable[first:end],
+                                              node_start[t0:t1], node_len[t0:t1], query, timer, stats))
+            stats["passes"] += 1
+            stats["peak_group_tokens"] = max(stats["peak_group_tokens"], int(chunks.length[first:end].sum()))
+        nodes = concat_nodes([g[0] for g in groups]) if len(groups) > 1 else groups[0][0]
+        keys = [_joined([g[1] for g in groups], i) for i in range(M)]
+        values = [_joined([g[2] for g in groups], i) for i in range(M)]
+        rows = compressed_rows(nodes.length, cfg.tokens_per_node)
+        k_positions = nodes.chunk.repeat_interleave(rows).to(torch.int32) if cfg.positions == "chunk" else None
+        num_chunks = chunks.num_chunks.to(torch.int32)
+        stats = {
+            "context_tokens": int(tokens.total_lengths.sum()),
+            "compressed_tokens": int(rows.sum()),
+            "chunks": int(num_chunks.sum()),
+            "nodes": int(nodes.row.numel()),
+            **stats,
+            **timer.seconds,
+        }
+        compressed = CompressedContext(
+            keys=keys,
+            values=values,
+            cu_seqlens=segment_cu_seqlens(nodes.row, rows, B),
+            k_positions=k_positions,
+            num_chunks=num_chunks,
+            max_chunks=int(num_chunks.max()) if B else 0,
+            context_lengths=tokens.total_lengths,
+            nodes=nodes,
+            stats=stats,
+            tail_input_ids=tokens.tail(),
+        )
+        return compressed if into is None else into.extended(compressed, reopened, cfg.tokens_per_node)
+
+    def trees(self, chunks: ChunkLayout, split_noise_seeds, training: bool):
+        """``(splittable, node_start, node_len)``: bool ``[num_chunks]``, the chunks with a tree, and
+        int64 ``[num_splittable, T]`` their node spans (within the chunk), split noise included."""
+        cfg = self.config
         h = cfg.tree_depth
         splittable = chunks.length >= 2**h if h > 0 else torch.zeros_like(chunks.length, dtype=torch.bool)
         which = splittable.nonzero().squeeze(1)
-        node_start = node_len = node_ids = torch.zeros(0, 0, dtype=torch.long, device=self.device)
-        if which.numel():
-            noise = cfg.split_noise_std if training else 0.0
-            keys = None
-            if noise and split_noise_seeds is not None:
-                seeds = torch.as_tensor(split_noise_seeds, device=self.device).long()
-                if seeds.shape != (B,):
-                    raise ValueError(f"split_noise_seeds must have shape [B={B}], got {tuple(seeds.shape)}")
-                keys = (seeds[chunks.row[which]] * 1_000_003 + chunks.index[which]) & ((1 << 62) - 1)
-            node_start, node_len = tree_node_spans(chunks.length[which], h, noise, keys)
-            if cfg.retrieval == "query" and query_input_ids is not None:
-                self.check_query(query_input_ids, query_attention_mask, B)
-                with torch.no_grad():
-                    query = self.retrieval_query(query_input_ids, query_attention_mask, lengths)
-                    emb = self.node_embeddings(flat_ids, Lc, chunks, which, node_start, node_len)
-                    node_ids, _ = so.tree_topk(query[chunks.row[which]], emb[:, None], h, k=1,
-                                               branching=BRANCHING, score="cosine", backend=cfg.backend)
-                node_ids = node_ids[:, 0].long()
+        if not which.numel():
+            empty = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+            return splittable, empty, empty
+        noise = cfg.split_noise_std if training else 0.0
+        keys = None
+        if noise and split_noise_seeds is not None:
+            seeds = check_split_noise_seeds(split_noise_seeds, chunks.num_chunks.numel(), self.device)
+            keys = (seeds[chunks.row[which]] * 1_000_003 + chunks.index[which]) & ((1 << 62) - 1)
+        node_start, node_len = tree_node_spans(chunks.length[which], h, noise, keys)
+        return splittable, node_start, node_len
+
+    def compress_group(self, tokens: ContextTokens, chunks: ChunkLayout, splittable, node_start, node_len, query,
+                       timer, stats):
+        """``(nodes, keys, values)`` of one group of chunks (``splittable``, ``node_start``, ``node_len``:
+        as :meth:`trees` returns them for these chunks; ``query`` ``[B, hidden]`` or None for the right
+        descent). Adds the retrieval's work to ``stats``."""
+        cfg = self.config
+        node_ids = node_start[:, :0]
+        if node_start.shape[0]:
+            which = splittable.nonzero().squeeze(1)
+            row, chunk_start = chunks.row[which], chunks.start[which][:, None]
+            if query is None:
+                node_ids = right_descent_node_ids(cfg.tree_depth, self.device).expand(which.numel(), -1)
             else:
-                node_ids = right_descent_node_ids(h, self.device).expand(which.numel(), -1)
+                def embed(ids):
+                    return self.node_embeddings(tokens, row, chunk_start + node_start.gather(1, ids),
+                                                node_len.gather(1, ids))
+
+                with torch.no_grad():
+                    node_ids, embedded = descend(query[row], embed, cfg.tree_depth, cfg.backend)
+                stats["embedded_nodes"] += embedded.numel()
+                stats["embedded_tokens"] += int(node_len.gather(1, embedded).sum())
         nodes = preserved_nodes(chunks, splittable, node_start, node_len, node_ids)
         timer.stage("retrieve")
 
-        packed = pack_segments(nodes.row * Lc + nodes.start, nodes.length)
+        packed = pack_segments(tokens.flat_index(nodes.row, nodes.start), nodes.length)
         positions = packed.offset if cfg.positions == "chunk" else nodes.start[packed.segment] + packed.offset
         M = cfg.num_injected_layers
-        _, kv = self.encode_packed(flat_ids[packed.index], positions, packed.cu_seqlens, self.lower,
+        _, kv = self.encode_packed(tokens.ids.reshape(-1)[packed.index], positions, packed.cu_seqlens, self.lower,
                                    capture_layers=range(M), stop_after=M - 1)
         timer.stage("encode")
 
@@ -308,39 +278,26 @@ class ContextCompressor:
         if P is not None:
             sources = compressed_row_sources(nodes.length, P)
         for i in range(M):
-            k, v = kv[i]
+            k, v = kv.pop(i)
             if P is not None:
                 k = torch.cat([so.chunk_pool(k, packed.cu_seqlens, P, cfg.pool_mode, backend=cfg.backend), k])[sources]
                 v = torch.cat([so.chunk_pool(v, packed.cu_seqlens, P, cfg.pool_mode, backend=cfg.backend), v])[sources]
             keys.append(k)
             values.append(v)
-        rows = compressed_rows(nodes.length, P)
         timer.stage("pool")
+        return nodes, keys, values
 
-        k_positions = nodes.chunk.repeat_interleave(rows).to(torch.int32) if cfg.positions == "chunk" else None
-        stats = {
-            "context_tokens": int(lengths.sum()),
-            "compressed_tokens": int(rows.sum()),
-            "chunks": int(chunks.row.numel()),
-            "nodes": int(nodes.row.numel()),
-            **timer.seconds,
-        }
-        num_chunks = chunks.num_chunks.to(torch.int32)
-        return CompressedContext(
-            keys=keys,
-            values=values,
-            cu_seqlens=segment_cu_seqlens(nodes.row, rows, B),
-            k_positions=k_positions,
-            num_chunks=num_chunks,
-            max_chunks=int(num_chunks.max()) if B else 0,
-            context_lengths=lengths,
-            nodes=nodes,
-            stats=stats,
-        )
+
+def _joined(groups: list, layer: int) -> torch.Tensor:
+    """Layer ``layer``'s rows of every group, concatenated; the groups' copies are dropped as it goes."""
+    parts = [g[layer] for g in groups]
+    for g in groups:
+        g[layer] = None
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class _StageTimer:
-    """Seconds per stage of the context path (synchronising the GPU, if any, at stage ends)."""
+    """Seconds per stage of the context path, summed over groups (synchronising the GPU, if any, at stage ends)."""
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
@@ -351,7 +308,8 @@ class _StageTimer:
         if self.cuda:
             torch.cuda.synchronize()
         now = time.perf_counter()
-        self.seconds[f"{name}_s"] = now - self.last
+        key = f"{name}_s"
+        self.seconds[key] = self.seconds.get(key, 0.0) + now - self.last
         self.last = now
 
 

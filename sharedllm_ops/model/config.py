@@ -42,6 +42,9 @@ class SharedLLMConfig:
         share_lower: the lower model shares the base model's weights (default); ``False`` copies
             its layers so that they can be trained apart.
         backend: backend of every sharedllm_ops op (``"auto"``, ``"reference"``, ``"cpp"``, ...).
+        max_pass_tokens: compression works through the chunks in groups of at most this many context
+            tokens per pass (a longer chunk is a group of its own), so that its memory does not grow
+            with the context; the result is the same. ``None``: all chunks in one pass.
     """
 
     num_injected_layers: int = 4
@@ -56,6 +59,7 @@ class SharedLLMConfig:
     cross_init: str = "copy"
     share_lower: bool = True
     backend: str = "auto"
+    max_pass_tokens: int | None = 16384
 
     def __post_init__(self):
         def check_int(name: str, low: int, allow_none: bool = False) -> None:
@@ -75,6 +79,7 @@ class SharedLLMConfig:
         check_int("chunk_size", 1)
         check_int("tree_depth", 0)
         check_int("tokens_per_node", 1, allow_none=True)
+        check_int("max_pass_tokens", 1, allow_none=True)
         check_choice("pool_mode", ("mean", "first"))
         check_choice("retrieval", ("query", "right"))
         check_choice("injection", ("residual", "merge"))

@@ -30,17 +30,114 @@ class ChunkLayout:
     length: torch.Tensor  # tokens (the last chunk of a sequence may be shorter than chunk_size)
     num_chunks: torch.Tensor  # chunks per sequence
 
+    def take(self, first: int, end: int) -> "ChunkLayout":
+        """Chunks ``first..end-1`` (``num_chunks`` still counts every chunk of each sequence)."""
+        return ChunkLayout(self.row[first:end], self.index[first:end], self.start[first:end],
+                           self.length[first:end], self.num_chunks)
 
-def chunk_layout(context_lengths: torch.Tensor, chunk_size: int) -> ChunkLayout:
-    """Splits each context of ``context_lengths`` ``[B]`` tokens into chunks of ``chunk_size``."""
+
+def chunk_layout(context_lengths: torch.Tensor, chunk_size: int, first_chunk: torch.Tensor | None = None) -> ChunkLayout:
+    """Splits each context of ``context_lengths`` ``[B]`` tokens into chunks of ``chunk_size``.
+
+    ``first_chunk`` (int64 ``[B]``, default 0) continues earlier contexts: each sequence's tokens
+    start at chunk ``first_chunk``, and chunk indices, starts and ``num_chunks`` count the earlier
+    chunks too (``start = index * chunk_size``).
+    """
     lengths = context_lengths.long()
     num_chunks = (lengths + chunk_size - 1) // chunk_size
     row = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), num_chunks)
-    first_chunk = torch.cumsum(num_chunks, 0) - num_chunks
-    index = torch.arange(row.numel(), device=lengths.device) - first_chunk[row]
-    start = index * chunk_size
-    length = torch.clamp(lengths[row] - start, max=chunk_size)
-    return ChunkLayout(row, index, start, length, num_chunks)
+    first_of_row = torch.cumsum(num_chunks, 0) - num_chunks
+    index = torch.arange(row.numel(), device=lengths.device) - first_of_row[row]
+    length = torch.clamp(lengths[row] - index * chunk_size, max=chunk_size)
+    if first_chunk is not None:
+        index = index + first_chunk.long()[row]
+        num_chunks = num_chunks + first_chunk.long()
+    return ChunkLayout(row, index, index * chunk_size, length, num_chunks)
+
+
+def chunk_groups(chunk_lengths: torch.Tensor, max_tokens: int | None) -> list[tuple[int, int]]:
+    """``[(first, end), ...]``: consecutive runs of chunks of at most ``max_tokens`` tokens each.
+
+    Greedy, in chunk order; a chunk longer than ``max_tokens`` is a run of its own. ``None``: one
+    run. Always at least one run (``(0, 0)`` when there are no chunks).
+    """
+    n = chunk_lengths.numel()
+    if max_tokens is None or n == 0:
+        return [(0, n)]
+    groups, first, tokens = [], 0, 0
+    for i, length in enumerate(chunk_lengths.tolist()):
+        if i > first and tokens + length > max_tokens:
+            groups.append((first, i))
+            first, tokens = i, 0
+        tokens += length
+    groups.append((first, n))
+    return groups
+
+
+@dataclass
+class ContextTokens:
+    """The tokens one compression call reads, with where they sit in their sequences.
+
+    ``ids`` int64 ``[B, W]`` right-padded, ``lengths`` ``[B]``; each row starts at chunk
+    ``first_chunk[b]`` of its sequence (0 for a new context) and the sequence is
+    ``total_lengths[b]`` tokens long with them. ``previous_tail`` (a continued context only): the
+    earlier context's unfinished-chunk tokens, still the tail of rows without new tokens.
+    """
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    first_chunk: torch.Tensor
+    total_lengths: torch.Tensor
+    chunk_size: int
+    previous_tail: torch.Tensor | None = None
+
+    def flat_index(self, row: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """Index in ``ids.reshape(-1)`` of the token at position ``start`` of sequence ``row`` (both int64 ``[n]``)."""
+        return row * self.ids.shape[1] + start - (self.first_chunk * self.chunk_size)[row]
+
+    def tail(self) -> torch.Tensor:
+        """int64 ``[B, w]`` right-padded: the tokens of each sequence's unfinished last chunk."""
+        n = self.total_lengths % self.chunk_size
+        width = int(n.max()) if n.numel() else 0
+        j = torch.arange(width, device=n.device)
+        index = ((self.lengths - n)[:, None] + j).clamp(0, max(self.ids.shape[1] - 1, 0))
+        tail = self.ids.gather(1, index) if self.ids.shape[1] else self.ids.new_zeros(n.numel(), width)
+        if self.previous_tail is not None:  # rows without new tokens keep their tail
+            tail = torch.where((self.lengths > 0)[:, None], tail, _fit(self.previous_tail, width))
+        return tail.masked_fill(j[None, :] >= n[:, None], 0)
+
+
+def _fit(ids: torch.Tensor, width: int) -> torch.Tensor:
+    """``ids`` ``[B, w]`` cut or zero-padded to ``[B, width]``."""
+    ids = ids[:, :width]
+    return torch.cat([ids, ids.new_zeros(ids.shape[0], width - ids.shape[1])], 1)
+
+
+def context_tokens(ids: torch.Tensor, lengths: torch.Tensor, chunk_size: int, previous_lengths=None,
+                   previous_tail=None) -> tuple[ContextTokens, torch.Tensor]:
+    """The tokens to compress: ``ids`` ``[B, Lc]`` (``lengths`` ``[B]``) alone, or continuing contexts
+    of ``previous_lengths`` ``[B]`` tokens whose unfinished last chunks hold ``previous_tail`` ``[B, w]``.
+
+    A continued row with new tokens reopens its unfinished chunk: its tokens are that chunk's, then
+    the new ones, from the chunk's start. Returns the tokens and ``reopened`` (bool ``[B]``).
+    """
+    ids, lengths = ids.long(), lengths.long()
+    if previous_lengths is None:
+        zeros = torch.zeros_like(lengths)
+        return ContextTokens(ids, lengths, zeros, lengths, chunk_size), zeros.bool()
+    previous_lengths = previous_lengths.long()
+    open_len = previous_lengths % chunk_size
+    reopened = (open_len > 0) & (lengths > 0)
+    carried = torch.where(reopened, open_len, 0)
+    new_lengths = carried + lengths
+    j = torch.arange(max(int(new_lengths.max()), 1), device=ids.device)[None, :]
+    tail = _fit(previous_tail.long(), max(previous_tail.shape[1], 1))
+    from_tail = tail.gather(1, j.clamp(max=tail.shape[1] - 1).expand(ids.shape[0], -1))
+    from_ids = ids.gather(1, (j - carried[:, None]).clamp(0, ids.shape[1] - 1))
+    merged = torch.where(j < carried[:, None], from_tail, from_ids)
+    first_chunk = (previous_lengths + chunk_size - 1) // chunk_size - reopened.long()
+    tokens = ContextTokens(merged, new_lengths, first_chunk, previous_lengths + lengths, chunk_size, previous_tail)
+    return tokens, reopened
 
 
 _MASK32 = 0xFFFFFFFF
@@ -191,6 +288,11 @@ def preserved_nodes(
     return PreservedNodes(chunks.row[chunk_of], chunks.index[chunk_of], start[keep], length[keep])
 
 
+def concat_nodes(parts: list[PreservedNodes]) -> PreservedNodes:
+    """The nodes of ``parts`` (consecutive runs of chunks), one after another."""
+    return PreservedNodes(*(torch.cat(field) for field in zip(*(vars(p).values() for p in parts))))
+
+
 def compressed_rows(node_len: torch.Tensor, tokens_per_node: int | None) -> torch.Tensor:
     """int64 ``[num_nodes]``: key/value rows each node keeps: ``P`` if it is longer than ``P``, else all."""
     if tokens_per_node is None:
@@ -227,11 +329,15 @@ def segment_cu_seqlens(row: torch.Tensor, counts: torch.Tensor, batch: int) -> t
 __all__ = [
     "BRANCHING",
     "ChunkLayout",
+    "ContextTokens",
     "PackedSegments",
     "PreservedNodes",
+    "chunk_groups",
     "chunk_layout",
     "compressed_row_sources",
     "compressed_rows",
+    "concat_nodes",
+    "context_tokens",
     "keyed_normal",
     "num_tree_nodes",
     "pack_segments",

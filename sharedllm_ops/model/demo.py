@@ -100,13 +100,14 @@ def run_demo(args) -> int:
     source = configs[row.name]
     if trained is not None:
         model = SharedLLMForCausalLM.from_pretrained(source, base)
-        model.eval()
     else:
         model = SharedLLMForCausalLM.from_base(base, source)
     try:
         decoder = ids[-args.window:].to(model.device)[None]
-        # the context compressed for the table: same weights and config, so it is reused as is
-        out = model.generate(decoder, compressed_context=row.context, max_new_tokens=32, do_sample=False,
+        # nothing is scored here: the whole window is the retrieval query (the table's context left out its
+        # last --last tokens), so the context is compressed again
+        out = model.generate(decoder, context_input_ids=ids[:-args.window].to(model.device)[None],
+                             max_new_tokens=32, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     finally:
         model.unwrap()

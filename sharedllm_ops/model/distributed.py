@@ -6,6 +6,7 @@ Typical use, under ``torchrun --nproc-per-node N train.py``::
     model = SharedLLMForCausalLM.from_base(base, ...)
     model.set_trainable("cross")                  # before sharding (see shard_model)
     shard_model(model)
+    model.train()                                 # from_base returns it in eval mode
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=...)
     loss = model(input_ids=ids, labels=labels, context_input_ids=ctx, context_lengths=lens).loss
     loss.backward()                               # gradients are averaged over the ranks

@@ -9,6 +9,9 @@ of them; the perplexity is over the last ``last`` tokens. Rows:
   their true positions): the rest of the text as context, uncompressed, and compressed 8x with
   the paper's tree (depth 3, 32 tokens per node, query-aware retrieval);
 * **full attention**: the base model on all the tokens, where they fit its position window.
+
+The retrieval query of a SharedLLM row is the window's tokens before the scored ones: the context
+chosen for the scored tokens never depends on them.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class Row:
     perplexity: float
     seconds: float
     stats: dict = field(default_factory=dict)
-    context: object = None  # the CompressedContext of a SharedLLM row (reusable for generation)
+    context: object = None  # the CompressedContext of a SharedLLM row (retrieved without the scored tokens)
 
 
 def peak_rss_gb() -> float:
@@ -57,6 +60,9 @@ def peak_rss_gb() -> float:
 def sharedllm_perplexity(model: SharedLLMForCausalLM, ids: torch.Tensor, window: int, last: int):
     """Perplexity of the last ``last`` tokens of ``ids [N]``: decoder on the last ``window``, the rest as context.
 
+    The retrieval query is the window without its last ``last`` tokens, so that what is scored
+    cannot steer which parts of the context are kept.
+
     Returns ``(perplexity, stats, context)``: the compressed context's stats plus ``inject_s`` (the
     decoder pass with injection minus the same pass without) and ``decode_s``, and the context.
     """
@@ -64,7 +70,7 @@ def sharedllm_perplexity(model: SharedLLMForCausalLM, ids: torch.Tensor, window:
         raise ValueError(f"need 1 <= last < window < len(ids), got last={last}, window={window}, N={ids.numel()}")
     device = model.device
     context, decoder = ids[:-window].to(device)[None], ids[-window:].to(device)[None]
-    ctx = model.compress_context(context, None, query_input_ids=decoder)
+    ctx = model.compress_context(context, None, query_input_ids=decoder[:, :-last])
     start = time.perf_counter()
     logits = model(decoder, compressed_context=ctx, use_cache=False, logits_to_keep=last + 1).logits
     with_context = time.perf_counter() - start
@@ -100,7 +106,6 @@ def perplexity_table(base, ids: torch.Tensor, window: int = 512, last: int = 256
             model = SharedLLMForCausalLM.from_base(base, config)
         else:  # a folder written by save_pretrained: a trained injector
             model = SharedLLMForCausalLM.from_pretrained(config, base)
-            model.eval()
         try:
             timed(name, lambda: sharedllm_perplexity(model, ids, window, last))
         finally:

@@ -8,7 +8,10 @@ One :class:`InjectionState` per wrapped model holds the context of the current c
   MLP; for ``positions="true"`` a pre-hook on the decoder offsets its positions;
 * the attention function (``attention.py``), which finds the state on each attention module: it
   runs the compressor's packed passes (``packed``) and, for ``injection="merge"``,
-  :meth:`InjectionState.merged_attention`.
+  :meth:`InjectionState.merged_attention`;
+* activation checkpointing: a checkpointed layer runs again in the backward, after the call has
+  ended, so its checkpoint function is wrapped to replay the context the layer first saw
+  (:meth:`InjectionState.replay_safe`).
 
 The state holds the config, the rotary table and the cross blocks; it knows nothing of the
 wrapper, so a context flows one way: wrapper -> compression -> this module -> the cross block.
@@ -17,6 +20,7 @@ wrapper, so a context flows one way: wrapper -> compression -> this module -> th
 from __future__ import annotations
 
 import copy
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -168,6 +172,69 @@ class InjectionState:
             positions = torch.arange(past, past + L, device=tokens.device)[None]
         kwargs["position_ids"] = positions + self.context_for(B).context_lengths[:, None]
         return args, kwargs
+
+    # ------------------------------------------------------------------------------------------
+    # activation checkpointing
+
+    def replay_safe(self, layers) -> None:
+        """Makes transformers' activation checkpointing of ``layers`` recompute them as they first ran.
+
+        A checkpointed layer is run again during the backward, after :meth:`injecting` has ended:
+        its cross block or merged attention would see no context and recompute something else.
+        Each layer's checkpoint function (``_gradient_checkpointing_func``, set by transformers'
+        ``activation_checkpointing_enable``) is wrapped so that the layer's run and its recomputation
+        both see the context and the layer input of the call. Packed passes (the context path) are
+        run without checkpointing: they stop inside a layer and capture its keys/values. Idempotent:
+        call it before layers run (the wrapper does, on every call)."""
+        for layer in layers:
+            checkpoint = vars(layer).get("_gradient_checkpointing_func")
+            if checkpoint is not None and getattr(checkpoint, "_sharedllm_state", None) is not self:
+                layer._gradient_checkpointing_func = self._replaying(checkpoint, layer.self_attn.layer_idx)
+
+    def release(self, layers) -> None:
+        """Undoes :meth:`replay_safe` on ``layers``."""
+        for layer in layers:
+            checkpoint = vars(layer).get("_gradient_checkpointing_func")
+            if getattr(checkpoint, "_sharedllm_state", None) is self:
+                layer._gradient_checkpointing_func = checkpoint.__wrapped__
+
+    def _replaying(self, checkpoint, layer_idx: int):
+        """``checkpoint(function, *args)`` with ``function`` run under the state of the moment it is called."""
+
+        @functools.wraps(checkpoint)
+        def checkpointed(function, *args, **kwargs):
+            if self.packed is not None:
+                return function(*args, **kwargs)
+            context, layer_input = self.context, self.layer_inputs.get(layer_idx)
+
+            def replay(*a, **kw):
+                with self._replayed(layer_idx, context, layer_input):
+                    return function(*a, **kw)
+
+            return checkpoint(replay, *args, **kwargs)
+
+        checkpointed._sharedllm_state = self
+        return checkpointed
+
+    @contextmanager
+    def _replayed(self, layer_idx: int, context, layer_input):
+        previous = self.context
+        self.context = context
+        if layer_input is not None:  # kept by the layer's pre-hook before the checkpointed call
+            self.layer_inputs[layer_idx] = layer_input
+        try:
+            yield
+        finally:
+            self.context = previous
+            self.layer_inputs.pop(layer_idx, None)
+
+    def replay_hook(self, layers):
+        """Forward pre-hook of the decoder: :meth:`replay_safe` of ``layers`` before they run."""
+
+        def hook(module, args):
+            self.replay_safe(layers)
+
+        return hook
 
     # ------------------------------------------------------------------------------------------
     # attention to the context

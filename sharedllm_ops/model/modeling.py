@@ -35,6 +35,9 @@ WEIGHTS_NAME = "sharedllm_injector.safetensors"
 _REQUIRED = ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
 _REQUIRED_LAYER = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn.q_proj", "self_attn.k_proj",
                    "self_attn.v_proj", "self_attn.o_proj")
+# the ``config.model_type`` of the base models whose decoder layer is Llama's (x + attention, then + MLP;
+# SmolLM2 is a "llama"); each one is covered by the tests
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 def _get(module: nn.Module, dotted: str):
@@ -46,13 +49,14 @@ def _get(module: nn.Module, dotted: str):
 
 
 def check_llama_shaped(base: nn.Module) -> None:
-    """Raises a ValueError naming what is missing unless ``base`` looks like ``LlamaForCausalLM``."""
+    """Raises a ValueError naming what is missing unless ``base`` looks like ``LlamaForCausalLM``, or
+    naming its model type unless that is one the hooks compute right (``SUPPORTED_MODEL_TYPES``)."""
     what = type(base).__name__
     for name in _REQUIRED:
         if _get(base, name) is None:
             raise ValueError(
                 f"base model {what} is not Llama-shaped: it has no `{name}` (SharedLLM wraps LlamaForCausalLM, "
-                "MistralForCausalLM, Qwen2ForCausalLM and models with the same module layout)"
+                "MistralForCausalLM and Qwen2ForCausalLM)"
             )
     for i, layer in enumerate(base.model.layers):
         for name in _REQUIRED_LAYER:
@@ -60,13 +64,24 @@ def check_llama_shaped(base: nn.Module) -> None:
                 raise ValueError(f"base model {what} is not Llama-shaped: model.layers[{i}] has no `{name}`")
     if not hasattr(base.config, "_attn_implementation"):
         raise ValueError(f"base model {what} does not use transformers' AttentionInterface")
+    # the same module names do not mean the same layer: Gemma 2/3 norm the attention output before the
+    # residual add, Granite scales the embeddings and the residual branches; the hooks would add a cross
+    # block to the wrong stream and the lower model would encode unscaled embeddings
+    model_type = getattr(base.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"base model {what} has model_type {model_type!r}, which SharedLLM does not support: its hooks "
+            f"compute a Llama decoder layer; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
 
 
 class SharedLLMForCausalLM(nn.Module):
     """SharedLLM around a Llama-family causal LM (see the module docstring and docs/DESIGN.md section 5).
 
-    Build it with :meth:`from_base` or :meth:`from_pretrained`. ``self.base_model`` is the wrapped
-    model itself (weights shared, hooks added); ``self.cross_blocks`` holds the added parameters.
+    Build it with :meth:`from_base` or :meth:`from_pretrained`, which return it in eval mode, as
+    transformers' ``from_pretrained`` does; ``.train()`` turns training behaviour on (split noise).
+    ``self.base_model`` is the wrapped model itself (weights shared, hooks added);
+    ``self.cross_blocks`` holds the added parameters.
     """
 
     def __init__(self, base_model: nn.Module, config: SharedLLMConfig):
@@ -112,6 +127,9 @@ class SharedLLMForCausalLM(nn.Module):
         if config.positions == "true":
             self._hooks.append(base_model.model.register_forward_pre_hook(self._state.offset_positions,
                                                                           with_kwargs=True))
+        # activation checkpointing may be switched on at any time: checked before every decoder pass
+        self._checkpointable = list(layers) + (list(self.lower_layers) if not config.share_lower else [])
+        self._hooks.append(base_model.model.register_forward_pre_hook(self._state.replay_hook(self._checkpointable)))
         base_model._sharedllm_wrapped = True
         self._original_attn = original_attn
 
@@ -120,6 +138,7 @@ class SharedLLMForCausalLM(nn.Module):
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        self._state.release(self._checkpointable)
         layers = self.base_model.model.layers
         for layer in list(layers) + self._lower:
             layer.self_attn.__dict__.pop("_sharedllm_state", None)
@@ -133,14 +152,17 @@ class SharedLLMForCausalLM(nn.Module):
 
     @classmethod
     def from_base(cls, base_model_or_path, config: SharedLLMConfig | None = None, **overrides) -> "SharedLLMForCausalLM":
-        """Wraps a loaded model, or loads one from a local path (a Hugging Face folder or a ``.gguf``)."""
+        """Wraps a loaded model, or loads one from a local path (a Hugging Face folder or a ``.gguf``).
+
+        Returns the wrapper in eval mode (no split noise; the base model is switched to eval too):
+        call ``.train()`` before training."""
         config = replace(config, **overrides) if config is not None else SharedLLMConfig(**overrides)
         base = base_model_or_path
         if isinstance(base, (str, os.PathLike)):
             base, _ = load_base_model(base)
         if not isinstance(base, nn.Module):
             raise ValueError(f"base_model_or_path must be a model or a local path, got {type(base).__name__}")
-        return cls(base, config)
+        return cls(base, config).eval()
 
     def injector_state_dict(self) -> dict:
         """The parameters SharedLLM adds or trains: cross blocks, copied lower layers, trained top layers."""
@@ -168,7 +190,8 @@ class SharedLLMForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, base_model_or_path, **overrides) -> "SharedLLMForCausalLM":
-        """Wraps ``base_model_or_path`` with the config and injector saved in ``path``."""
+        """Wraps ``base_model_or_path`` with the config and injector saved in ``path`` (in eval mode, as
+        :meth:`from_base`)."""
         config = replace(SharedLLMConfig.load(path), **overrides)
         model = cls.from_base(base_model_or_path, config)
         file = os.path.join(path, WEIGHTS_NAME)
@@ -256,6 +279,9 @@ class SharedLLMForCausalLM(nn.Module):
         query_input_ids: torch.Tensor | None = None,
         query_attention_mask: torch.Tensor | None = None,
         split_noise_seeds: torch.Tensor | None = None,
+        *,
+        max_pass_tokens: int | None = None,
+        into: CompressedContext | None = None,
     ) -> CompressedContext:
         """Compresses a batch of contexts for injection.
 
@@ -266,12 +292,24 @@ class SharedLLMForCausalLM(nn.Module):
                 ``retrieval="query"``. Without it the right child is expanded (as ``"right"``).
             split_noise_seeds: int64 ``[B]``, one per sequence: its training split noise becomes a
                 function of the seed (the same in any batch, on any rank) instead of a global draw.
+            max_pass_tokens: context tokens per compression pass for this call (default: the
+                config's ``max_pass_tokens``); memory, not the result, depends on it.
+            into: a context returned by this method: ``context_input_ids`` continues each of its
+                sequences (same batch; a row of length 0 adds nothing). Only the new chunks are
+                compressed, after an unfinished last chunk is reopened and recompressed with the
+                tokens that complete it, so that growing a context piece by piece gives what
+                compressing it at once does (with ``split_noise_seeds`` when training; with
+                ``positions="true"`` the retrieval query sits after the context known at each call,
+                which moves its rotary positions only). ``into`` is left unchanged.
 
         Returns:
-            a :class:`CompressedContext` for ``forward(..., compressed_context=)`` or ``generate``.
+            a :class:`CompressedContext` for ``forward(..., compressed_context=)`` or ``generate``
+            (a new one when growing: drop ``into`` to free its memory).
         """
+        self._state.replay_safe(self._checkpointable)  # the packed passes must not be checkpointed
         return self._compressor.compress(context_input_ids, context_lengths, query_input_ids, query_attention_mask,
-                                         split_noise_seeds, training=self.training)
+                                         split_noise_seeds, training=self.training, max_pass_tokens=max_pass_tokens,
+                                         into=into)
 
     # ------------------------------------------------------------------------------------------
     # running
@@ -311,6 +349,9 @@ class SharedLLMForCausalLM(nn.Module):
         context injected. ``input_ids``/``attention_mask`` ``[B, L]`` are the decoder tokens;
         ``context_input_ids`` ``[B, Lc]`` right-padded with ``context_lengths`` ``[B]``, or a
         ``compressed_context`` from :meth:`compress_context` (``split_noise_seeds``: see there).
+        With ``context_input_ids``, all of ``input_ids`` is the retrieval query: to score tokens
+        without letting them choose their own context, compress with the tokens before them as
+        the query and pass ``compressed_context`` (as the evaluation does).
         Other keyword arguments go to the base model."""
         ctx = self._context_for_call(input_ids, attention_mask, context_input_ids, context_lengths, compressed_context,
                                      split_noise_seeds)
@@ -335,4 +376,5 @@ class SharedLLMForCausalLM(nn.Module):
 
 
 # CompressedContext and CrossBlock are defined where they are made (compression.py, injection.py)
-__all__ = ["WEIGHTS_NAME", "CompressedContext", "CrossBlock", "SharedLLMForCausalLM", "check_llama_shaped"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "WEIGHTS_NAME", "CompressedContext", "CrossBlock", "SharedLLMForCausalLM",
+           "check_llama_shaped"]

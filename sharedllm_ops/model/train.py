@@ -173,7 +173,7 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, resume: bool = True, p
     if cfg.activation_checkpointing:
         if env.distributed:
             raise ValueError("activation_checkpointing is not supported together with FSDP here")
-        model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model.base_model)
     if env.distributed:
         distributed.shard_model(model, device=env.device)
     params = distributed.trainable_parameters(model)
@@ -226,6 +226,21 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, resume: bool = True, p
     if bar is not None:
         bar.close()
     return {"losses": losses, "model": model, "checkpoint": checkpoint, "tokenizer": tokenizer}
+
+
+def enable_activation_checkpointing(base) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer of the (wrapped) base model.
+
+    The wrapper makes the recomputation in the backward see the injected context (see
+    ``InjectionState.replay_safe``), so the loss and the gradients are those without checkpointing."""
+    options = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # the newer name; the old one warns where both exist
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    # transformers also makes the embeddings' output require grad, which only reentrant checkpointing needs;
+    # here it would make the frozen lower model's context pass keep an autograd graph for nothing
+    base.disable_input_require_grads()
 
 
 def _optimizer_state_by_name(model, state: dict) -> dict:
@@ -302,5 +317,5 @@ def _save_injector(model: SharedLLMForCausalLM, weights: dict, folder: Path) -> 
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, folder / WEIGHTS_NAME, metadata=meta)
 
 
-__all__ = ["TrainConfig", "draw_batch", "latest_checkpoint", "lr_factor", "save_checkpoint", "text_files",
-           "token_stream", "train"]
+__all__ = ["TrainConfig", "draw_batch", "enable_activation_checkpointing", "latest_checkpoint", "lr_factor",
+           "save_checkpoint", "text_files", "token_stream", "train"]

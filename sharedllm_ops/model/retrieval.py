@@ -1,0 +1,71 @@
+"""Query retrieval that embeds only the nodes the tree descent reads (docs/DESIGN.md section 5).
+
+``tree_topk`` with ``k=1`` on a binary tree compares, at each level ``1..h-1``, the two children of
+the node expanded at the level above; it never reads the leaves' scores (the last level keeps both
+candidates) nor anything below a preserved node. :func:`descend` therefore embeds level by level
+only those two children (``2 (h - 1)`` nodes, about ``1.5`` chunks of tokens for ``h = 3``, instead
+of all ``2^(h+1) - 2`` nodes and ``h`` chunks of tokens) and lets ``tree_topk`` itself decide every
+level, on an embedding table whose unread slots are zeros: the node ids are the ones ``tree_topk``
+returns for the full table, ties included.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+import sharedllm_ops as so
+
+from .context import BRANCHING
+
+
+def level_offset(level: int) -> int:
+    """Level-order id of the first node of ``level`` of a binary tree (level 1 starts at 0)."""
+    return 2**level - 2
+
+
+def descend(
+    query: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor], depth: int, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine top-1 descent of ``n`` binary trees, embedding only the nodes it compares.
+
+    Args:
+        query: ``[n, D]``, the query of each tree.
+        embed: ``embed(ids)`` with ``ids`` int64 ``[n, 2]`` (level-order node ids, two siblings per
+            tree) returns their embeddings ``[n, 2, D]``.
+        depth: the trees' height ``h >= 1``.
+        backend: backend of ``tree_topk``.
+
+    Returns:
+        ``node_ids`` int64 ``[n, P]``, the preserved nodes left to right (as ``tree_topk``), and
+        ``embedded`` int64 ``[n, 2 (h - 1)]``, the ids that were embedded.
+    """
+    n = query.shape[0]
+    num_nodes = level_offset(depth + 1)
+    embedded = []
+    table = None
+    expanded = torch.zeros(n, dtype=torch.long, device=query.device)  # index within its level
+    node_ids = None
+    for level in range(1, depth):
+        first = level_offset(level)
+        ids = first + 2 * expanded[:, None] + torch.arange(BRANCHING, device=query.device)
+        emb = embed(ids)
+        if table is None:
+            table = emb.new_zeros(n, num_nodes, emb.shape[-1])
+        table[torch.arange(n, device=query.device)[:, None], ids] = emb
+        embedded.append(ids)
+        # levels below this one are zeros (unread by this level's decision)
+        node_ids, _ = so.tree_topk(query, table[:, None], depth, k=1, branching=BRANCHING, score="cosine",
+                                   backend=backend)
+        node_ids = node_ids[:, 0].long()
+        in_level = (node_ids >= first) & (node_ids < first + 2**level)
+        kept = node_ids.masked_fill(~in_level, -1).amax(1) - first  # the one preserved node of this level
+        expanded = kept ^ 1  # its sibling was expanded
+    if node_ids is None:  # depth 1: both children are kept, nothing is compared
+        node_ids = torch.arange(BRANCHING, device=query.device).expand(n, BRANCHING)
+        return node_ids, torch.zeros(n, 0, dtype=torch.long, device=query.device)
+    return node_ids, torch.cat(embedded, dim=1)
+
+
+__all__ = ["descend", "level_offset"]
