@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from ..dtypes import DTYPES
 from .model_options import model_commands
 
@@ -34,4 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return model_commands().run_train(args)
+    try:
+        return model_commands().run_train(args)
+    finally:
+        # under torchrun: a gloo group left alive at exit can abort the process from its threads
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
