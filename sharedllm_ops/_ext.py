@@ -98,14 +98,16 @@ def compiled_build_info() -> dict[str, str]:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
-def _limit(key: str) -> int | None:
-    value = compiled_build_info().get(key)
+def _limit(info: dict[str, str], key: str) -> int | None:
+    value = info.get(key)
     return int(value) if value else None
 
 
-# the CUDA kernels' limits, as compiled (None: an extension too old to say, or none loaded)
-CUDA_TREE_TOPK_MAX_NODES = _limit("cuda_tree_topk_max_nodes")
-CUDA_ATTENTION_MAX_HEAD_DIMS = _limit("cuda_attention_max_head_dims")
+# the CUDA kernels' limits, as compiled (None: an extension too old to say, or none loaded);
+# the build info is read once for both
+_compiled = compiled_build_info()
+CUDA_TREE_TOPK_MAX_NODES = _limit(_compiled, "cuda_tree_topk_max_nodes")
+CUDA_ATTENTION_MAX_HEAD_DIMS = _limit(_compiled, "cuda_attention_max_head_dims")
 
 
 def _missing_extension_reason() -> str:

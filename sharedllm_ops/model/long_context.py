@@ -114,7 +114,6 @@ def wrapped(base, config):
         model = SharedLLMForCausalLM.from_base(base, config)
     else:
         model = SharedLLMForCausalLM.from_pretrained(config, base)
-    model.eval()  # no split noise: from_base / from_pretrained may return a module in training mode
     try:
         yield model
     finally:
