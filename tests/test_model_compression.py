@@ -71,11 +71,13 @@ def test_chunk_groups_are_greedy_runs_and_a_long_chunk_is_alone():
     assert chunk_groups(torch.tensor([], dtype=torch.long), 8) == [(0, 0)]
 
 
-@pytest.mark.parametrize("positions", ["chunk", "true"])
+@pytest.mark.parametrize("positions", ["chunk", "true", "distance"])
 @pytest.mark.parametrize("retrieval", ["query", "right"])
 @pytest.mark.parametrize("tokens_per_node", [None, 4])
-def test_groups_equal_one_pass_bitwise(positions, retrieval, tokens_per_node):
+@pytest.mark.parametrize("drop_node_sinks", [False, True])
+def test_groups_equal_one_pass_bitwise(positions, retrieval, tokens_per_node, drop_node_sinks):
     model = model_with(positions=positions, retrieval=retrieval, tokens_per_node=tokens_per_node,
+                       drop_node_sinks=drop_node_sinks,
                        max_pass_tokens=None)
     with torch.no_grad():
         one_pass = model.compress_context(CONTEXT, LENGTHS, QUERY)
@@ -136,7 +138,7 @@ def _gradients(model, limit):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("positions", ["chunk", "true"])
+@pytest.mark.parametrize("positions", ["chunk", "true", "distance"])
 def test_groups_give_the_gradients_of_one_pass(positions):
     """Copied lower layers (share_lower=False) train through the compressed keys/values; with
     split noise on, as in training."""
@@ -209,7 +211,7 @@ def test_tree_topk_never_reads_leaves_or_the_subtrees_of_preserved_nodes(backend
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("positions", ["chunk", "true"])
+@pytest.mark.parametrize("positions", ["chunk", "true", "distance"])
 def test_model_retrieval_equals_tree_topk_over_every_node(positions):
     """The model's nodes equal tree_topk's choice over the embeddings of all 14 nodes of each tree
     (the retrieval before nodes were left out), computed by the same node encoder."""
@@ -267,11 +269,13 @@ def _grow(model, cuts, query=QUERY, seeds=None):
     return ctx
 
 
-@pytest.mark.parametrize("positions", ["chunk", "true"])
+@pytest.mark.parametrize("positions", ["chunk", "true", "distance"])
 @pytest.mark.parametrize("retrieval", ["query", "right"])
 @pytest.mark.parametrize("tokens_per_node", [None, 4])
-def test_growing_in_pieces_equals_compressing_at_once(positions, retrieval, tokens_per_node):
-    model = model_with(positions=positions, retrieval=retrieval, tokens_per_node=tokens_per_node)
+@pytest.mark.parametrize("drop_node_sinks", [False, True])
+def test_growing_in_pieces_equals_compressing_at_once(positions, retrieval, tokens_per_node, drop_node_sinks):
+    model = model_with(positions=positions, retrieval=retrieval, tokens_per_node=tokens_per_node,
+                       drop_node_sinks=drop_node_sinks)
     with torch.no_grad():
         at_once = model.compress_context(CONTEXT, LENGTHS, QUERY)
         # uneven pieces: mid-chunk cuts, a one-token piece, a piece that completes a chunk, a piece

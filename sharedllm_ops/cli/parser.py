@@ -7,10 +7,11 @@ import argparse
 
 import torch
 
-from . import demo, eval_long, eval_ppl, info, ops, train
+from . import demo, eval_long, eval_ppl, info, ops, train, validate
 
 # command name -> its module, in the order ``--help`` lists them
-COMMANDS = {"info": info, "demo": demo, "eval-ppl": eval_ppl, "eval-long": eval_long, "train": train, "ops": ops}
+COMMANDS = {"info": info, "demo": demo, "eval-ppl": eval_ppl, "eval-long": eval_long, "train": train, "validate": validate,
+            "ops": ops}
 
 
 def build_parser() -> argparse.ArgumentParser:

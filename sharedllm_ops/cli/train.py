@@ -20,7 +20,8 @@ CONFIG_OPTIONS = (("steps", int), ("batch-size", int), ("grad-accum", int), ("lr
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="base model folder or .gguf (default: the embedded SmolLM2-135M)")
     parser.add_argument("--data", nargs="*", default=[],
-                        help="text files or folders (default: the standard-library training packages)")
+                        help="text files, folders, 'stdlib' (the standard-library training packages) or 'site-packages:MB' "
+                             "(a sample of MB megabytes of the installed third-party sources); default: stdlib")
     parser.add_argument("--output", default="runs/sharedllm", help="checkpoint folder (default: runs/sharedllm)")
     for name, kind in CONFIG_OPTIONS:
         parser.add_argument(f"--{name}", type=kind, default=None)

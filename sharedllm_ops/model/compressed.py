@@ -16,7 +16,8 @@ class CompressedContext:
     Attributes:
         keys, values: one ``[Nk, Hk, D]`` tensor per injected layer (all sequences packed).
         cu_seqlens: int32 ``[B + 1]`` boundaries of each sequence's rows in ``keys``/``values``.
-        k_positions: int32 ``[Nk]`` chunk index of every row (``positions="chunk"``), else None.
+        k_positions: int32 ``[Nk]`` chunk index of every row (``positions="chunk"``), or the
+            context position of the middle of its source tokens (``"distance"``), else None.
         num_chunks: int32 ``[B]`` (``n`` of Eq. 2: the query position); ``max_chunks`` its maximum.
         context_lengths: int64 ``[B]`` original context lengths (decoder offset for ``positions="true"``).
         nodes: the preserved nodes (sequence, chunk, start, length), left to right.

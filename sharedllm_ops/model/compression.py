@@ -32,6 +32,7 @@ import sharedllm_ops as so
 
 from .arguments import check_context, check_into, check_query, check_split_noise_seeds, pass_tokens
 from .attention import PackedPass, StopEncoding
+from ..reference.rotary import rotate
 from .compressed import CompressedContext
 from .config import SharedLLMConfig
 from .context import (
@@ -39,11 +40,14 @@ from .context import (
     ContextTokens,
     chunk_groups,
     chunk_layout,
+    compressed_row_centres,
     compressed_row_sources,
     compressed_rows,
     concat_nodes,
     context_tokens,
+    node_sinks,
     pack_segments,
+    pooled_segments,
     preserved_nodes,
     right_descent_node_ids,
     segment_cu_seqlens,
@@ -118,6 +122,17 @@ class ContextCompressor:
         hidden, _ = self.encode_packed(token_ids[last], positions[last], None, [layer],
                                        keys_of=(keys, values, cu_seqlens, self.config.backend))
         return hidden
+
+    def rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``(cos, sin)`` ``[N, 1, D]`` of the base model's rotary at ``positions`` ``[N]``, without
+        its attention scaling (so that undoing a rotation leaves the key as the layer projected it,
+        times that scaling once)."""
+        rotary = self.decoder.rotary_emb
+        scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+        probe = torch.zeros(1, 1, dtype=torch.float32, device=positions.device)
+        with torch.no_grad():
+            cos, sin = rotary(probe, positions[None])
+        return cos[0, :, None].float() / scale, sin[0, :, None].float() / scale
 
     # ------------------------------------------------------------------------------------------
     # retrieval
@@ -200,7 +215,12 @@ class ContextCompressor:
         keys = [_joined([g[1] for g in groups], i) for i in range(M)]
         values = [_joined([g[2] for g in groups], i) for i in range(M)]
         rows = compressed_rows(nodes.length, cfg.tokens_per_node)
-        k_positions = nodes.chunk.repeat_interleave(rows).to(torch.int32) if cfg.positions == "chunk" else None
+        k_positions = None
+        if cfg.positions == "chunk":
+            k_positions = nodes.chunk.repeat_interleave(rows).to(torch.int32)
+        elif cfg.positions == "distance":  # where each row sits in the text; the attention turns it into a distance
+            sinks = node_sinks(nodes.start, nodes.length, cfg.tokens_per_node, cfg.drop_node_sinks)
+            k_positions = compressed_row_centres(nodes.start, nodes.length, cfg.tokens_per_node, sinks).to(torch.int32)
         num_chunks = chunks.num_chunks.to(torch.int32)
         stats = {
             "context_tokens": int(tokens.total_lengths.sum()),
@@ -267,7 +287,7 @@ class ContextCompressor:
         timer.stage("retrieve")
 
         packed = pack_segments(tokens.flat_index(nodes.row, nodes.start), nodes.length)
-        positions = packed.offset if cfg.positions == "chunk" else nodes.start[packed.segment] + packed.offset
+        positions = packed.offset if cfg.positions != "true" else nodes.start[packed.segment] + packed.offset
         M = cfg.num_injected_layers
         _, kv = self.encode_packed(tokens.ids.reshape(-1)[packed.index], positions, packed.cu_seqlens, self.lower,
                                    capture_layers=range(M), stop_after=M - 1)
@@ -277,11 +297,17 @@ class ContextCompressor:
         P = cfg.tokens_per_node
         if P is not None:
             sources = compressed_row_sources(nodes.length, P)
+            pool_index, pool_cu = pooled_segments(packed, node_sinks(nodes.start, nodes.length, P, cfg.drop_node_sinks))
+        if cfg.positions == "distance":  # pool before rotary: undo the rotation at the in-node positions
+            cos, sin = self.rotation(positions)
         for i in range(M):
             k, v = kv.pop(i)
+            if cfg.positions == "distance":
+                k = rotate(k, cos.to(k.dtype), sin.to(k.dtype), inverse=True)
             if P is not None:
-                k = torch.cat([so.chunk_pool(k, packed.cu_seqlens, P, cfg.pool_mode, backend=cfg.backend), k])[sources]
-                v = torch.cat([so.chunk_pool(v, packed.cu_seqlens, P, cfg.pool_mode, backend=cfg.backend), v])[sources]
+                pk, pv = (k, v) if pool_index is None else (k[pool_index], v[pool_index])
+                k = torch.cat([so.chunk_pool(pk, pool_cu, P, cfg.pool_mode, backend=cfg.backend), k])[sources]
+                v = torch.cat([so.chunk_pool(pv, pool_cu, P, cfg.pool_mode, backend=cfg.backend), v])[sources]
             keys.append(k)
             values.append(v)
         timer.stage("pool")

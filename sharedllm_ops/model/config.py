@@ -34,14 +34,26 @@ class SharedLLMConfig:
             context, merged into self-attention with ``merge_attention``).
         positions: ``"chunk"`` (paper Eq. 2: nodes are encoded from position 0, keys of chunk ``i``
             get the extra rotary position ``i``, cross-attention queries position ``n`` = number of
-            chunks; the decoder starts at position 0) or ``"true"`` (context tokens keep their
-            positions in the context and the decoder continues after it).
+            chunks; the decoder starts at position 0), ``"true"`` (context tokens keep their
+            positions in the context and the decoder continues after it) or ``"distance"``: nodes
+            are encoded from position 0 as for ``"chunk"``, but their keys are pooled **before**
+            rotary (the in-node rotation is undone: averaging rotated keys cancels the fast rotary
+            pairs), then each compressed row is rotated once so that its distance to the
+            cross-attention query is its distance in the text from the end of the context, in
+            units of ``distance_scale`` tokens, capped at ``max_distance`` (so that any context
+            length stays within the positions seen in training).
         cross_init: ``"copy"`` (cross blocks start as copies of the layer's input norm and q/o
             projections), ``"copy_zero"`` (the same with ``o_c = 0``: the model starts exactly as
             the base model and training only adds what the context brings) or ``"random"``.
         share_lower: the lower model shares the base model's weights (default); ``False`` copies
             its layers so that they can be trained apart.
         backend: backend of every sharedllm_ops op (``"auto"``, ``"reference"``, ``"cpp"``, ...).
+        distance_scale: ``positions="distance"``: context tokens per position step.
+        max_distance: ``positions="distance"``: the largest distance (in position steps); rows
+            farther away all sit at this distance.
+        drop_node_sinks: every node is encoded alone, so its first token becomes an attention
+            sink; ``True`` leaves that token out of the pooling of every pooled node that does not
+            start the context (nodes short enough to be kept raw keep it).
         max_pass_tokens: compression works through the chunks in groups of at most this many context
             tokens per pass (a longer chunk is a group of its own), so that its memory does not grow
             with the context; the result is the same. ``None``: all chunks in one pass.
@@ -60,6 +72,9 @@ class SharedLLMConfig:
     share_lower: bool = True
     backend: str = "auto"
     max_pass_tokens: int | None = 16384
+    distance_scale: int = 8
+    max_distance: int = 1024
+    drop_node_sinks: bool = False
 
     def __post_init__(self):
         def check_int(name: str, low: int, allow_none: bool = False) -> None:
@@ -80,16 +95,19 @@ class SharedLLMConfig:
         check_int("tree_depth", 0)
         check_int("tokens_per_node", 1, allow_none=True)
         check_int("max_pass_tokens", 1, allow_none=True)
+        check_int("distance_scale", 1)
+        check_int("max_distance", 1)
         check_choice("pool_mode", ("mean", "first"))
         check_choice("retrieval", ("query", "right"))
         check_choice("injection", ("residual", "merge"))
-        check_choice("positions", ("chunk", "true"))
+        check_choice("positions", ("chunk", "true", "distance"))
         check_choice("cross_init", ("copy", "copy_zero", "random"))
         check_choice("backend", BACKENDS)
         if not isinstance(self.split_noise_std, (int, float)) or not 0.0 <= self.split_noise_std < 0.5:
             raise ValueError(f"SharedLLMConfig.split_noise_std must be a float in [0, 0.5), got {self.split_noise_std!r}")
-        if not isinstance(self.share_lower, bool):
-            raise ValueError(f"SharedLLMConfig.share_lower must be a bool, got {self.share_lower!r}")
+        for name in ("share_lower", "drop_node_sinks"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SharedLLMConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

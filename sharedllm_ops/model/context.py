@@ -317,6 +317,50 @@ def compressed_row_sources(node_len: torch.Tensor, tokens_per_node: int) -> torc
     return torch.where(node_len[node] > tokens_per_node, node * tokens_per_node + j, pooled_rows + first_raw[node] + j)
 
 
+def node_sinks(node_start: torch.Tensor, node_len: torch.Tensor, tokens_per_node: int | None,
+               drop_sinks: bool) -> torch.Tensor:
+    """int64 ``[num_nodes]``: 1 where a node's first token is left out of its pooling, else 0.
+
+    A node encoded alone makes its first token an attention sink; with ``drop_sinks`` it is left
+    out of every pooled node (longer than ``tokens_per_node``) that does not start the context."""
+    if not drop_sinks or tokens_per_node is None:
+        return torch.zeros_like(node_len, dtype=torch.long)
+    return ((node_start > 0) & (node_len > tokens_per_node)).long()
+
+
+def pooled_segments(packed: PackedSegments, sinks: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """What ``chunk_pool`` reads: ``(index, cu_seqlens)``: the packed tokens of every node but the
+    sinks that ``sinks`` ``[num_nodes]`` leaves out (``index`` None: all of them), and their bounds."""
+    if not bool(sinks.any()):
+        return None, packed.cu_seqlens
+    keep = ~((sinks[packed.segment] > 0) & (packed.offset == 0))
+    lengths = packed.lengths - sinks
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.long, device=lengths.device)
+    torch.cumsum(lengths, 0, out=cu[1:])
+    return keep.nonzero().squeeze(1), cu.to(torch.int32)
+
+
+def compressed_row_centres(node_start: torch.Tensor, node_len: torch.Tensor, tokens_per_node: int | None,
+                           sinks: torch.Tensor) -> torch.Tensor:
+    """int64 ``[sum(kept rows)]``: the context position at the middle of each kept row's source tokens.
+
+    A pooled row averages ``chunk_pool``'s window of its node (after the sink ``sinks`` leaves out);
+    a raw row is one token."""
+    node_start, node_len = node_start.long(), node_len.long()
+    keep = compressed_rows(node_len, tokens_per_node)
+    node = torch.repeat_interleave(torch.arange(node_len.numel(), device=node_len.device), keep)
+    j = torch.arange(node.numel(), device=node_len.device) - (torch.cumsum(keep, 0) - keep)[node]
+    raw = node_start[node] + j
+    if tokens_per_node is None:
+        return raw
+    P = tokens_per_node
+    skip = sinks.long()[node]
+    length = node_len[node] - skip
+    first, end = (j * length) // P, -((-(j + 1) * length) // P)  # chunk_pool's adaptive windows
+    pooled = node_start[node] + skip + (first + end - 1) // 2
+    return torch.where(node_len[node] > P, pooled, raw)
+
+
 def segment_cu_seqlens(row: torch.Tensor, counts: torch.Tensor, batch: int) -> torch.Tensor:
     """int32 ``[batch + 1]``: boundaries of rows when items of ``row`` ``[n]`` (sorted) contribute ``counts`` ``[n]``."""
     per_row = torch.zeros(batch, dtype=torch.long, device=row.device)
@@ -334,13 +378,16 @@ __all__ = [
     "PreservedNodes",
     "chunk_groups",
     "chunk_layout",
+    "compressed_row_centres",
     "compressed_row_sources",
     "compressed_rows",
     "concat_nodes",
     "context_tokens",
     "keyed_normal",
     "num_tree_nodes",
+    "node_sinks",
     "pack_segments",
+    "pooled_segments",
     "preserved_nodes",
     "right_descent_node_ids",
     "segment_cu_seqlens",

@@ -20,8 +20,9 @@ from ..dtypes import DTYPES
 from .evaluate import format_table, peak_rss_gb, perplexity_table, sharedllm_perplexity, training_free_configs
 from .modeling import SharedLLMForCausalLM
 from .pretrained import load_base_model, shipped_injector
-from .text import EVAL_MODULES, full_perplexity, module_text, stdlib_dir, tokenize_text, window_perplexity
+from .text import EVAL_MODULES, SELECTION_MODULES, module_text, stdlib_dir, tokenize_text
 from .train import TrainConfig, train
+from .validation import format_validation, summary, validation_rows
 
 TRAINED_ROW = "SharedLLM (trained, compressed)"
 
@@ -169,22 +170,41 @@ def run_train(args) -> int:
 
 
 def held_out_table(model, modules, full: bool = False, window: int = 512, last: int = 256, max_tokens: int = 8192) -> str:
-    """Perplexity per held-out module: window only, the trained SharedLLM, full attention (if ``full``)."""
+    """The validation table (``validation.py``) of a wrapped model on standard-library ``modules``: window
+    only, a plain window of the same KV budget, SharedLLM, full attention (if ``full``), the gap recovered."""
     _, tokenizer = load_base_model(None) if getattr(model, "_tokenizer", None) is None else (None, model._tokenizer)
-    base = model.base_model
-    lines = [f"| module | window {window} only | SharedLLM (trained, compressed) | full attention | gap recovered |",
-             "|---|---|---|---|---|"]
-    for name in modules:
-        ids = tokenize_text(tokenizer, module_text(name), max_tokens)
-        with model.injecting(None):
-            alone = window_perplexity(base, ids, window, last)
-            fits = ids.numel() <= getattr(base.config, "max_position_embeddings", ids.numel())
-            everything = full_perplexity(base, ids, last) if full and fits else float("nan")
-        trained, _, _ = sharedllm_perplexity(model, ids, window, last)
-        # the share of the window-to-full-attention gap that the trained context closes
-        recovered = (alone - trained) / (alone - everything) if alone > everything else float("nan")
-        lines.append(f"| {name} | {alone:.2f} | {trained:.2f} | {everything:.2f} | {recovered:.0%} |")
-    return "\n".join(lines)
+    return format_validation(validation_rows(model, tokenizer, modules, window, last, max_tokens, full=full))
 
 
-__all__ = ["held_out_table", "run_demo", "run_eval_ppl", "run_train"]
+def run_validate(args) -> int:
+    """``sharedllm-ops validate``: the validation table of an injector on standard-library modules."""
+    if not 1 <= args.last < args.window < args.max_tokens:
+        raise SystemExit(f"need 1 <= --last < --window < --max-tokens, got {args.last}, {args.window}, {args.max_tokens}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    injector = args.injector or (shipped_injector() if args.model is None else None)
+    if injector is None:
+        raise SystemExit("--injector: a trained injector folder is needed for a model other than the embedded one")
+    modules = []
+    for name in args.modules or ["eval"]:
+        modules += {"eval": list(EVAL_MODULES), "selection": list(SELECTION_MODULES)}.get(name, [name])
+    base, tokenizer, load_s = _load(args)
+    print(f"model    {_describe(base)}; loaded in {load_s:.1f} s; injector {injector}", flush=True)
+    model = SharedLLMForCausalLM.from_pretrained(injector, base)
+    step, done = _progress(len(modules), "validate")
+    try:
+        rows = validation_rows(model, tokenizer, modules, args.window, args.last, args.max_tokens,
+                               full=not args.skip_full, progress=step)
+    finally:
+        done()
+        model.unwrap()
+    print(format_validation(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"injector": str(injector), "window": args.window, "last": args.last,
+                       "max_tokens": args.max_tokens, "rows": [dataclasses.asdict(r) for r in rows],
+                       "summary": summary(rows)}, f, indent=2)
+    return 0
+
+
+__all__ = ["held_out_table", "run_demo", "run_eval_ppl", "run_train", "run_validate"]

@@ -241,7 +241,7 @@ class InjectionState:
 
     def context_attention(self, q: torch.Tensor, ctx: CompressedContext, layer_idx: int, scaling: float):
         """Attention of queries ``q`` ``[B, L, H, D]`` (not rotated for ``positions="chunk"``, rotated
-        at their true positions for ``"true"``) to layer ``layer_idx``'s compressed context.
+        at their decoder positions for ``"true"`` and ``"distance"``) to layer ``layer_idx``'s compressed context.
         Returns ``out [B*L, H, D]`` and ``lse`` float32 ``[B*L, H]``."""
         B, L, H, D = q.shape
         cu_q = torch.arange(B + 1, device=q.device, dtype=torch.int32) * L
@@ -254,11 +254,30 @@ class InjectionState:
                 rotary_cos=cos,
                 rotary_sin=sin,
             )
+        elif self.config.positions == "distance":
+            far = self.config.max_distance
+            cos, sin = self.rotary(far + 1, q.device)
+            rotary = dict(
+                q_positions=torch.full((B * L,), far, dtype=torch.int32, device=q.device),
+                k_positions=self.distance_positions(ctx),
+                rotary_cos=cos,
+                rotary_sin=sin,
+            )
         k, v = ctx.keys[layer_idx], ctx.values[layer_idx]
         return so.cross_inject_attention(
             q.reshape(B * L, H, D).to(k.dtype), k, v, cu_q, ctx.cu_seqlens, softmax_scale=scaling, return_lse=True,
             backend=self.config.backend, **rotary,
         )
+
+    def distance_positions(self, ctx: CompressedContext) -> torch.Tensor:
+        """int32 ``[Nk]`` (``positions="distance"``): each row's rotary position, ``max_distance`` minus its
+        distance from the end of its sequence's context in steps of ``distance_scale`` tokens (capped).
+        The queries, rotated at their decoder positions ``p``, are rotated by ``max_distance`` more."""
+        cfg = self.config
+        rows = ctx.cu_seqlens[1:].long() - ctx.cu_seqlens[:-1].long()
+        end = ctx.context_lengths.long().repeat_interleave(rows)
+        distance = torch.clamp((end - ctx.k_positions.long()) // cfg.distance_scale, 0, cfg.max_distance)
+        return (cfg.max_distance - distance).to(torch.int32)
 
     def cross_block_output(self, layer_idx: int, y: torch.Tensor, position_embeddings, attn: nn.Module) -> torch.Tensor:
         """``o_c(Attn(q_c(norm_c(y)), K, V))`` for the residual stream ``y`` ``[B, L, hidden]`` of the
@@ -267,7 +286,9 @@ class InjectionState:
         B, L, _ = y.shape
         q = block.q_c(block.norm_c(y)).view(B, L, -1, attn.head_dim)
         scaling = attn.scaling
-        if self.config.positions == "true":
+        if self.config.positions != "chunk":
+            # "true": q sits at its position; "distance": the kernel adds max_distance on top, so the
+            # context ends at distance p from the decoder token at position p
             cos, sin = position_embeddings  # scaled: q gets the rotary attention scaling like the keys
             q = rotate(q, cos[:, :, None], sin[:, :, None])
         else:

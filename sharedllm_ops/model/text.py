@@ -12,7 +12,9 @@ text is a disjoint set of long top-level stdlib modules (``EVAL_MODULES``), each
 
 from __future__ import annotations
 
+import hashlib
 import math
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -21,9 +23,11 @@ import torch.nn.functional as F
 
 __all__ = [
     "EVAL_MODULES",
+    "SELECTION_MODULES",
     "TRAIN_PACKAGES",
     "full_perplexity",
     "module_text",
+    "site_packages_files",
     "stdlib_dir",
     "tokenize_text",
     "training_files",
@@ -50,6 +54,19 @@ EVAL_MODULES = (
     "difflib.py",
     "pydoc.py",
     "doctest.py",
+)
+
+# Further validation modules, used with EVAL_MODULES to choose between training runs (none is
+# trained on): threading.py ... ssl.py (zipfile is a package from 3.12: its __init__.py).
+SELECTION_MODULES = (
+    "threading.py",
+    "pickle.py",
+    "shutil.py",
+    "zipfile",
+    "configparser.py",
+    "ast.py",
+    "enum.py",
+    "ssl.py",
 )
 
 # Folder names that hold a package's own tests (e.g. unittest/test on Python <= 3.11).
@@ -88,6 +105,44 @@ def training_files() -> list[Path]:
             if _TEST_DIRS.isdisjoint(path.relative_to(root).parts[:-1]):
                 files.append(path)
     return sorted(files)
+
+
+# Third-party folders that hold copies or backports of standard-library code: the evaluation domain.
+_STDLIB_COPIES = frozenset({"_distutils", "distutils", "_vendor", "vendor", "vendored", "backports",
+                            "importlib_metadata", "importlib_resources", "typing_extensions.py"})
+
+
+def site_packages_files(max_bytes: int | None = None) -> list[Path]:
+    """``.py`` files of the installed third-party packages (this environment's ``purelib`` and
+    ``platlib``), sorted: a second, larger and more varied training source than ``TRAIN_PACKAGES``.
+
+    Left out so that no standard-library text leaks into training: test folders, vendored or
+    backported standard-library code (``_STDLIB_COPIES``) and any file named like a top-level
+    standard-library module. With ``max_bytes``, a sample of files up to that many bytes, drawn by
+    a hash of each file's path (the same on every machine with the same packages)."""
+    roots = sorted({Path(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")})
+    stdlib_names = set(sys.stdlib_module_names)
+    files = []
+    for root in roots:
+        if not root.is_dir() or root == stdlib_dir():
+            continue
+        for path in root.rglob("*.py"):
+            parts = path.relative_to(root).parts
+            if path.stem in stdlib_names or not _TEST_DIRS.isdisjoint(parts[:-1]) or not _STDLIB_COPIES.isdisjoint(parts):
+                continue
+            files.append((hashlib.sha1("/".join(parts).encode()).hexdigest(), path))
+    if max_bytes is not None:
+        files.sort()
+        chosen, total = [], 0
+        for key, path in files:
+            if total >= max_bytes:
+                break
+            size = path.stat().st_size
+            if size and total + size <= max_bytes * 1.05:
+                chosen.append((key, path))
+                total += size
+        files = chosen
+    return sorted(path for _, path in files)
 
 
 def tokenize_text(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:

@@ -33,7 +33,7 @@ from . import distributed
 from .config import SharedLLMConfig
 from .modeling import WEIGHTS_NAME, SharedLLMForCausalLM
 from .pretrained import load_base_model
-from .text import training_files
+from .text import site_packages_files, training_files
 
 STATE_NAME = "trainer_state.pt"
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
@@ -44,7 +44,9 @@ class TrainConfig:
     """Everything a training run depends on (saved with each checkpoint)."""
 
     model: str | None = None  # base model path; None = the embedded SmolLM2-135M
-    data: list = field(default_factory=list)  # files or folders; empty = the standard-library training packages
+    # files, folders, "stdlib" (the standard-library training packages) or "site-packages[:MB]" (a sample of
+    # MB megabytes of the installed third-party packages' sources); empty = "stdlib"
+    data: list = field(default_factory=list)
     output: str = "runs/sharedllm"
     steps: int = 200
     batch_size: int = 1  # sequences per micro-batch per process
@@ -82,11 +84,25 @@ class TrainConfig:
 
 
 def text_files(paths) -> list[Path]:
-    """The training files: ``paths`` (files, or folders searched for text and source files), sorted."""
+    """The training files of ``paths``: files, folders (searched for text and source files), ``"stdlib"``
+    (:func:`~sharedllm_ops.model.text.training_files`) or ``"site-packages[:MB]"``
+    (:func:`~sharedllm_ops.model.text.site_packages_files`, a sample of ``MB`` megabytes), in that order."""
     if not paths:
         return training_files()
     files = []
-    for p in map(Path, paths):
+    for name in paths:
+        source, _, megabytes = str(name).partition(":")
+        if source == "stdlib" and not megabytes:
+            files += training_files()
+            continue
+        if source == "site-packages":
+            try:
+                budget = None if not megabytes else int(float(megabytes) * 1e6)
+            except ValueError:
+                raise ValueError(f"training data {name!r}: expected site-packages:MB with MB a number") from None
+            files += site_packages_files(budget)
+            continue
+        p = Path(name)
         if p.is_dir():
             files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
         elif p.is_file():
