@@ -5,9 +5,11 @@ The protocol: take the first ``max_tokens`` tokens of a text; the decoder sees t
 of them; the perplexity is over the last ``last`` tokens. Rows:
 
 * **window only**: the base model on the decoder window alone;
-* **SharedLLM, training-free** (``injection="merge"``, every layer injected, chunks encoded at
-  their true positions): the rest of the text as context, uncompressed, and compressed 8x with
-  the paper's tree (depth 3, 32 tokens per node, query-aware retrieval);
+* **SharedLLM, training-free** (``injection="merge"``, every layer injected): the rest of the text
+  as context, uncompressed (chunks encoded at their true positions), and compressed 8x with the
+  paper's tree (depth 3, 32 tokens per node, query-aware retrieval; keys kept every 16th/8th/4th
+  token before rotary and placed at their distance in the text, ``positions="distance"``, without
+  the nodes' own attention sinks);
 * **full attention**: the base model on all the tokens, where they fit its position window.
 
 The retrieval query of a SharedLLM row is the window's tokens before the scored ones: the context
@@ -34,8 +36,11 @@ def training_free_configs(num_layers: int, chunk_size: int = 1024) -> dict[str, 
     common = dict(num_injected_layers=num_layers, chunk_size=chunk_size, injection="merge", positions="true")
     return {
         "SharedLLM training-free (merge), uncompressed": SharedLLMConfig(**common, tree_depth=0, tokens_per_node=None),
+        # keys pooled before rotary at their distance in the text, strided, without the nodes' own
+        # sinks: the best of six training-free settings on functools.py and inspect.py (issue 16)
         "SharedLLM training-free (merge), compressed 8x": SharedLLMConfig(
-            **common, tree_depth=3, tokens_per_node=chunk_size // 32, retrieval="query", pool_mode="mean"
+            **{**common, "positions": "distance"}, tree_depth=3, tokens_per_node=chunk_size // 32, retrieval="query",
+            pool_mode="first", drop_node_sinks=True,
         ),
     }
 

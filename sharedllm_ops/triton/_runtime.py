@@ -16,6 +16,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
 
 
+def autotuning() -> bool:
+    """False when ``SHAREDLLM_TRITON_AUTOTUNE=0``: the attention kernels keep one config instead of tuning."""
+    return os.environ.get("SHAREDLLM_TRITON_AUTOTUNE", "1").lower() not in ("0", "false", "off")
+
+
 def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
     """Why Triton's interpreter cannot run our kernels with these versions, or None. Triton < 3.7
     converts loaded scalars with ``int(array)``, which NumPy >= 2.4 rejects for 1-element arrays

@@ -27,7 +27,7 @@ from ..core.checks import (
 from ..core.registration import register_cross_inject_attention
 from ..reference.rotary import apply_rotary
 from ._common import check_launch, next_pow2
-from ._runtime import interpreting
+from ._runtime import autotuning, interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -244,11 +244,16 @@ def _tile_sizes(D: int, Dv: int, dtype: torch.dtype) -> dict:
 def _autotuned(kernel, looped: str):
     """On the GPU, tune the block that each program loops over (never the tiled one), the warps and
     the stages, keyed on head dims and GQA group only: new sequence lengths never trigger a retune.
+    ``SHAREDLLM_TRITON_AUTOTUNE=0`` (read at import) keeps one config: no tuning time, as in a short
+    GPU check.
     The interpreter runs the kernel as it is (its block sizes come from ``_tile_sizes``)."""
     if interpreting():
         return kernel
-    configs = [triton.Config({looped: n}, num_warps=w, num_stages=st)
-               for n in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+    if not autotuning():  # one config, the one the tuner most often picks for D <= 128 on recent GPUs
+        configs = [triton.Config({looped: 64}, num_warps=4, num_stages=3)]
+    else:
+        configs = [triton.Config({looped: n}, num_warps=w, num_stages=st)
+                   for n in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
     return triton.autotune(configs=configs, key=["D", "DV", "GROUP"])(kernel)
 
 
