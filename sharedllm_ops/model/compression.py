@@ -10,7 +10,9 @@ then the chunks are worked through in **groups** of at most ``max_pass_tokens`` 
    ``"right"`` always expands the right child;
 2. **encode**: the lower model runs over the group's preserved nodes, packed into one row of
    independent causal segments, and the keys/values of its ``M`` layers are captured;
-3. **pool**: ``chunk_pool`` compresses every node longer than ``tokens_per_node`` to that many rows.
+3. **pool**: ``chunk_pool`` compresses every node longer than ``tokens_per_node`` to that many rows
+   (for ``positions="distance"`` after undoing the keys' rotation; with ``drop_node_sinks``
+   without each node's first token, its own attention sink).
 
 Only the compressed keys/values, the nodes and the counts outlive a group, so the memory of a
 call is one group's activations plus the compressed context, whatever its length; every chunk's
@@ -30,9 +32,9 @@ from torch import nn
 
 import sharedllm_ops as so
 
+from ..reference.rotary import rotate
 from .arguments import check_context, check_into, check_query, check_split_noise_seeds, pass_tokens
 from .attention import PackedPass, StopEncoding
-from ..reference.rotary import rotate
 from .compressed import CompressedContext
 from .config import SharedLLMConfig
 from .context import (

@@ -90,21 +90,27 @@ def summary(rows: list[ValidationRow]) -> dict:
     }
 
 
+def _number(x: float, spec: str) -> str:
+    return "—" if math.isnan(x) else format(x, spec)
+
+
 def format_validation(rows: list[ValidationRow]) -> str:
-    """Markdown: a row per text, the geometric means, and the three counts the issue asks for."""
+    """Markdown: a row per text, the geometric means, and the three counts the issue asks for
+    (``—`` where full attention was left out)."""
     lines = ["| text | window | same KV (tokens) | SharedLLM | full | gap recovered |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.text} | {r.window:.3f} | {r.same_kv:.3f} ({r.same_kv_tokens}) | {r.sharedllm:.3f} | "
-                     f"{r.full:.3f} | {r.gap_recovered:.0%} |")
+                     f"{_number(r.full, '.3f')} | {_number(r.gap_recovered, '.0%')} |")
     s = summary(rows)
     g = s["geomean"]
     lines.append(f"| **geometric mean** | {g['window']:.3f} | {g['same_kv']:.3f} | {g['sharedllm']:.3f} | "
-                 f"{g['full']:.3f} | {s['gap_recovered']:.0%} |")
+                 f"{_number(g['full'], '.3f')} | {_number(s['gap_recovered'], '.0%')} |")
     n = s["texts"]
     lines.append("")
+    gap = "" if math.isnan(s["gap_recovered"]) else (
+        f"; it recovers {s['gap_recovered']:.0%} of the window-to-full gap (geometric means, log scale)")
     lines.append(f"SharedLLM beats the window on {s['beats_window']}/{n} texts and the same-KV window on "
-                 f"{s['beats_same_kv']}/{n}; it recovers {s['gap_recovered']:.0%} of the window-to-full gap "
-                 "(geometric means, log scale).")
+                 f"{s['beats_same_kv']}/{n}{gap}.")
     return "\n".join(lines)
 
 
