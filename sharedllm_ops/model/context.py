@@ -300,6 +300,13 @@ def compressed_rows(node_len: torch.Tensor, tokens_per_node: int | None) -> torc
     return torch.clamp(node_len.long(), max=tokens_per_node)
 
 
+def _kept_rows(node_len: torch.Tensor, tokens_per_node: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 ``[sum(kept rows)]`` twice: each kept row's node and its index ``j`` within that node."""
+    keep = compressed_rows(node_len, tokens_per_node)
+    node = torch.repeat_interleave(torch.arange(node_len.numel(), device=node_len.device), keep)
+    return node, torch.arange(node.numel(), device=node_len.device) - (torch.cumsum(keep, 0) - keep)[node]
+
+
 def compressed_row_sources(node_len: torch.Tensor, tokens_per_node: int) -> torch.Tensor:
     """int64 ``[sum(kept rows)]``: where each kept key/value row comes from in ``cat([pooled, raw])``.
 
@@ -308,10 +315,7 @@ def compressed_row_sources(node_len: torch.Tensor, tokens_per_node: int) -> torc
     pooling would only repeat) their raw tokens.
     """
     node_len = node_len.long()
-    keep = compressed_rows(node_len, tokens_per_node)
-    node = torch.repeat_interleave(torch.arange(node_len.numel(), device=node_len.device), keep)
-    first_kept = torch.cumsum(keep, 0) - keep
-    j = torch.arange(node.numel(), device=node_len.device) - first_kept[node]
+    node, j = _kept_rows(node_len, tokens_per_node)
     first_raw = torch.cumsum(node_len, 0) - node_len
     pooled_rows = node_len.numel() * tokens_per_node
     return torch.where(node_len[node] > tokens_per_node, node * tokens_per_node + j, pooled_rows + first_raw[node] + j)
@@ -347,9 +351,7 @@ def compressed_row_centres(node_start: torch.Tensor, node_len: torch.Tensor, tok
     A pooled row averages ``chunk_pool``'s window of its node (after the sink ``sinks`` leaves out);
     a raw row is one token."""
     node_start, node_len = node_start.long(), node_len.long()
-    keep = compressed_rows(node_len, tokens_per_node)
-    node = torch.repeat_interleave(torch.arange(node_len.numel(), device=node_len.device), keep)
-    j = torch.arange(node.numel(), device=node_len.device) - (torch.cumsum(keep, 0) - keep)[node]
+    node, j = _kept_rows(node_len, tokens_per_node)
     raw = node_start[node] + j
     if tokens_per_node is None:
         return raw

@@ -178,10 +178,7 @@ def held_out_table(model, modules, full: bool = False, window: int = 512, last: 
 
 def run_validate(args) -> int:
     """``sharedllm-ops validate``: the validation table of an injector on standard-library modules."""
-    if not 1 <= args.last < args.window < args.max_tokens:
-        raise SystemExit(f"need 1 <= --last < --window < --max-tokens, got {args.last}, {args.window}, {args.max_tokens}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device")
+    _check(args)
     injector = args.injector or (shipped_injector() if args.model is None else None)
     if injector is None:
         raise SystemExit("--injector: a trained injector folder is needed for a model other than the embedded one")
