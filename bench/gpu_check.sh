@@ -29,6 +29,9 @@ PY=${PYTHON:-python3}
 REPO=$PWD
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
+# absolute paths: the stages run from a neutral folder
+OUT=$(cd "$OUT" && pwd)
+case $PY in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
 : > "$OUT/summary.txt"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TRITON_INTERPRET=0 SHAREDLLM_TRITON_AUTOTUNE=0 PYTHONDONTWRITEBYTECODE=1
@@ -56,16 +59,24 @@ stage() {
   esac
 }
 
-# pytest on the installed package: the carried wheel when it works, else the source build, else (dry
-# run) the tree as it is
-run_pytest() {
-  local where=$REPO
+# The sharedllm_ops a stage tests: the carried wheel when it installed, else the source build, else
+# (dry run) the tree as it is. It is found through PYTHONPATH from a neutral folder, and pytest puts
+# its own paths last (--import-mode=append: bench/ is a package, whose parent, the unbuilt tree,
+# would otherwise come first).
+use_install() {
   if [ -f "$WORK/use_wheel" ]; then
-    where=$WORK && export PYTHONPATH=$WORK/wheel
+    export PYTHONPATH=$WORK/wheel
   elif [ -f "$WORK/use_source" ]; then
-    where=$WORK/src
+    export PYTHONPATH=$WORK/src
+  else
+    export PYTHONPATH=$REPO
   fi
-  (cd "$where" && $PY -m pytest "$REPO/tests/test_gpu.py" -q -p no:cacheprovider -rs "$@") >> "$OUT/tests.log" 2>&1
+  cd "$WORK"
+}
+
+run_pytest() {
+  use_install
+  $PY -m pytest "$REPO/tests/test_gpu.py" -q -p no:cacheprovider --import-mode=append -rs "$@" >> "$OUT/tests.log" 2>&1
   local rc=$?
   echo "pytest $*: $(tail -1 "$OUT/tests.log")"
   return $rc
@@ -117,9 +128,8 @@ triton_tests() {
 }
 
 sanitizer() {
-  local san="$CUDA_HOME/bin/compute-sanitizer" rc=0 where=$REPO
-  [ -f "$WORK/use_source" ] && where=$WORK/src
-  [ -f "$WORK/use_wheel" ] && export PYTHONPATH=$WORK/wheel
+  local san="$CUDA_HOME/bin/compute-sanitizer" rc=0
+  use_install
   if [ "$DRY_RUN" = 1 ] || [ ! -x "$san" ]; then
     $PY "$REPO/bench/sanitize_kernels.py" --dry-run >> "$OUT/sanitizer.log" 2>&1 || rc=$?
     echo "compute-sanitizer skipped ($([ "$DRY_RUN" = 1 ] && echo dry run || echo not found)); cases on the CPU: $(tail -1 "$OUT/sanitizer.log")"
@@ -127,8 +137,8 @@ sanitizer() {
   fi
   local line=""
   for tool in memcheck racecheck synccheck; do
-    (cd "$where" && PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 30 "$san" --tool "$tool" --error-exitcode 9 \
-       $PY "$REPO/bench/sanitize_kernels.py") >> "$OUT/sanitizer.log" 2>&1
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 30 "$san" --tool "$tool" --error-exitcode 9 \
+      $PY "$REPO/bench/sanitize_kernels.py" >> "$OUT/sanitizer.log" 2>&1
     local t=$?
     [ $t -ne 0 ] && rc=$t
     line="$line $tool rc=$t;"
@@ -138,11 +148,9 @@ sanitizer() {
 }
 
 benchmarks() {
-  local where=$REPO
-  [ -f "$WORK/use_source" ] && where=$WORK/src
-  [ -f "$WORK/use_wheel" ] && export PYTHONPATH=$WORK/wheel
-  (cd "$where" && $PY -m pytest "$REPO/bench" --benchmark-only -q -p no:cacheprovider -k gpu \
-     --benchmark-json="$OUT/bench.json") >> "$OUT/tests.log" 2>&1
+  use_install
+  $PY -m pytest "$REPO/bench" --benchmark-only -q -p no:cacheprovider --import-mode=append -k gpu \
+    --benchmark-json="$OUT/bench.json" >> "$OUT/tests.log" 2>&1
   local rc=$?
   if [ -s "$OUT/bench.json" ]; then $PY "$REPO/bench/report.py" "$OUT/bench.json" > "$OUT/bench.md" 2>&1; fi
   echo "benchmarks: $(tail -1 "$OUT/tests.log")"
