@@ -12,6 +12,8 @@ hardware itself: ``tests/test_gpu.py`` does that on a GPU.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,25 +26,41 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-@pytest.fixture(scope="module")
-def emulated():
-    """Builds (once, cached under build/) and loads the emulated kernels; returns their op namespace."""
+# the checked build (tests/cuda_emulator/include/emulator_checks.h): ThreadSanitizer's
+# instrumentation, without its runtime, sends every load and store of the kernels to the
+# emulator's race and shared-memory checks, UBSan's alignment check every misaligned pointer; -g
+# for the source lines of a race, no auto-vectorisation (its accesses are not the kernels')
+CHECKED_FLAGS = ["-DSHAREDLLM_EMULATOR_CHECKS", "-fsanitize=thread,alignment", "--param=tsan-instrument-func-entry-exit=0",
+                 "-fno-tree-vectorize", "-fno-tree-slp-vectorize", "-g"]
+
+
+def build_emulated(name: str, ops: tuple[str, ...], extra_cflags: list[str]):
+    """Builds (cached under build/) and loads harnesses of ``ops`` as the torch.ops namespace ``name``."""
     from torch.utils import cpp_extension
 
     emulator = os.path.join(HERE, "cuda_emulator")
-    build_dir = os.path.join(ROOT, "build", "cuda_emulator")
+    build_dir = os.path.join(ROOT, "build", name)
     os.makedirs(build_dir, exist_ok=True)
     cpp_extension.load(
-        name="sharedllm_cuda_emulated",
-        sources=[os.path.join(emulator, f"harness_{op}.cpp") for op in ("attention", "chunk_pool", "tree_topk")],
+        name=name,
+        sources=[os.path.join(emulator, f"harness_{op}.cpp") for op in ops],
         extra_include_paths=[os.path.join(emulator, "include"), os.path.join(ROOT, "csrc", "include"),
                              os.path.join(ROOT, "csrc", "torch")],
-        extra_cflags=["-O2", "-Wno-unused-function", "-Wno-unknown-pragmas"],
+        # hidden: two builds loaded together must each keep their own emulator (its state, its
+        # inline functions and templates), not bind to the first one's
+        extra_cflags=["-O2", "-fvisibility=hidden", "-Wno-unused-function", "-Wno-unknown-pragmas",
+                      f"-DSHAREDLLM_EMULATED_OPS={name}", *extra_cflags],
         build_directory=build_dir,
         is_python_module=False,
         verbose=False,
     )
-    return torch.ops.sharedllm_emulated
+    return getattr(torch.ops, name)
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """The kernels under the checked emulator; returns their op namespace."""
+    return build_emulated("sharedllm_emulated", ("attention", "chunk_pool", "tree_topk", "faults"), CHECKED_FLAGS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,6 +92,9 @@ def _attention_case(lq, lk, hq, hk, d, dv, dtype, rotary, layout="contiguous"):
 # (lq, lk): several query tiles of 64 and key tiles of 64 / 32 with ragged ends, sequences without
 # keys or without queries, single rows
 LENGTHS = ([70, 0, 5, 1, 3], [130, 3, 0, 33, 0])
+# the general path has no tiles (a warp per query row walks the keys one by one): the same kinds of
+# sequences, shorter, keep it fast under the checked emulator
+GENERAL_LENGTHS = ([6, 0, 5, 1, 3], [11, 3, 0, 4, 0])
 
 ATTENTION_CASES = [
     # tensor-core path: 16-bit, D == Dv in {64, 128}, aligned
@@ -91,7 +112,8 @@ ATTENTION_CASES = [
 
 @pytest.mark.parametrize("dtype,d,dv,hq,hk,rotary,layout", ATTENTION_CASES)
 def test_attention_forward_backward_match_reference(emulated, dtype, d, dv, hq, hk, rotary, layout):
-    lq, lk = LENGTHS
+    tensor_cores = dtype != torch.float32 and d == dv and d in (64, 128) and layout == "contiguous"
+    lq, lk = LENGTHS if tensor_cores else GENERAL_LENGTHS
     q, k, v, cq, ck, extra = _attention_case(lq, lk, hq, hk, d, dv, dtype, rotary, layout)
     scale = d**-0.5
     args = (cq, ck, scale, extra["q_positions"], extra["k_positions"], extra["rotary_cos"], extra["rotary_sin"])
@@ -226,3 +248,184 @@ def test_attention_max_head_dims_launch_forward_and_backward(emulated, reported_
     got = emulated.cross_inject_attention_backward(g, None, q, k, v, out, lse, *args)
     for name, a, b in zip("qkv", got, torch.autograd.grad((ref * g).sum(), leaves)):
         assert_close(a, b, grad_tol(torch.float32, float(b.abs().max())), msg=f"d{name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the emulator's own checks (include/emulator_checks.h): each finds the mistake it is for
+
+
+def _line_of(path: str, text: str) -> int:
+    """The 1-based line of ``path`` holding ``text`` (exactly one)."""
+    with open(path) as f:
+        lines = [i + 1 for i, line in enumerate(f) if text in line]
+    assert len(lines) == 1, f"{text!r} in {path}: lines {lines}"
+    return lines[0]
+
+
+FAULTS = os.path.join(HERE, "cuda_emulator", "harness_faults.cpp")
+
+
+@pytest.mark.parametrize("seed", ["0", "1", "2"])
+def test_a_missing_barrier_is_reported_in_any_schedule(emulated, seed, monkeypatch):
+    """Thread 0 publishes a value through shared memory; with the barrier every thread reads it,
+    without it the detector reports the race whatever order the threads run in."""
+    monkeypatch.setenv("SHAREDLLM_EMULATOR_SCHEDULE_SEED", seed)
+    x = torch.arange(68, dtype=torch.float32) + 7
+    assert torch.equal(emulated.emulator_fault(x, "published", 1), torch.full((64,), 7.0))
+    write, read = _line_of(FAULTS, "value = x[0]"), _line_of(FAULTS, "out[threadIdx.x] = value")
+    with pytest.raises(RuntimeError, match=rf"shared-memory race \((read after write|write after read)\).*"
+                                           rf"harness_faults.cpp:({write}|{read}).*harness_faults.cpp:({write}|{read})"):
+        emulated.emulator_fault(x, "published", 0)
+
+
+def test_in_thread_order_the_report_names_both_threads_and_lines(emulated):
+    x = torch.zeros(68)
+    write, read = _line_of(FAULTS, "value = x[0]"), _line_of(FAULTS, "out[threadIdx.x] = value")
+    with pytest.raises(RuntimeError, match=rf"block \(0, 0, 0\): shared-memory race \(read after write\) at 0x[0-9a-f]+: "
+                                           rf"thread 0 at harness_faults.cpp:{write}\b.*, thread 1 at "
+                                           rf"harness_faults.cpp:{read}\b.*, with no barrier between them"):
+        emulated.emulator_fault(x, "published", 0)
+
+
+def test_unwritten_static_shared_memory_reads_as_nan(emulated):
+    assert torch.equal(emulated.emulator_fault(torch.zeros(68), "unwritten", 1), torch.ones(64))
+    assert torch.isnan(emulated.emulator_fault(torch.zeros(68), "unwritten", 0)).all()
+
+
+def test_a_misaligned_vector_load_faults(emulated):
+    x = torch.arange(68, dtype=torch.float32)
+    assert x.data_ptr() % 16 == 0  # torch's CPU allocations are 64-byte aligned
+    assert torch.equal(emulated.emulator_fault(x, "vector_load", 4), torch.full((64,), 4.0))
+    line = _line_of(FAULTS, "const uint4 v = ")
+    with pytest.raises(RuntimeError, match=rf"misaligned [a-z ]+ 'const struct uint4' \(needs 16-byte alignment\) "
+                                           rf"at 0x[0-9a-f]+ by thread 0 at harness_faults.cpp:{line}\n"):
+        emulated.emulator_fault(x, "vector_load", 1)
+
+
+def test_static_plus_dynamic_shared_memory_past_48_kib_is_reported(emulated):
+    x = torch.zeros(68)
+    out = emulated.emulator_fault(x, "big_static", 8 * 1024)  # 40 KiB static + 8 KiB dynamic: the limit
+    assert torch.equal(out, ((torch.arange(64) + 1) % 64).float())
+    with pytest.raises(RuntimeError, match=r"static shared memory touched \(40960 bytes\) plus dynamic \(8196\) "
+                                           r"exceeds the 49152 bytes"):
+        emulated.emulator_fault(x, "big_static", 8 * 1024 + 4)
+
+
+@pytest.mark.parametrize("kind,good,bad", [("grid_y", 3, 65536), ("block_threads", 1024, 1056)])
+def test_launches_past_sm90_limits_fail(emulated, kind, good, bad):
+    x = torch.arange(68, dtype=torch.float32) + 7
+    out = emulated.emulator_fault(x, kind, good)
+    assert torch.equal(out, torch.full_like(out, 7.0))
+    with pytest.raises(RuntimeError, match=f"{kind} failed to launch: invalid configuration"):
+        emulated.emulator_fault(x, kind, bad)
+
+
+@pytest.fixture(scope="module")
+def emulated_without_barrier_1():
+    """The attention kernels with SHAREDLLM_BARRIER(1) removed (block_tile's)."""
+    return build_emulated("sharedllm_emulated_drop1", ("attention",), [*CHECKED_FLAGS, "-DSHAREDLLM_DROP_BARRIER=1"])
+
+
+def test_the_race_detector_finds_a_barrier_removed_from_the_attention_kernel(emulated, emulated_without_barrier_1):
+    """Thread 0 finds the block's tile and publishes it through shared memory. In thread order the
+    others read it after it is written, so the results stay right without the barrier: only the
+    detector can tell."""
+    q, k, v, cq, ck, _ = _attention_case([70, 5], [40, 3], 2, 1, 64, 64, torch.bfloat16, False)
+    args = (cq, ck, 0.125, None, None, None, None)
+    out, _ = emulated.cross_inject_attention(q, k, v, *args)
+    source = os.path.join(ROOT, "csrc", "cuda", "cross_inject_attention.cu")
+    read = _line_of(source, "seq = found[0];")
+    with pytest.raises(RuntimeError, match=rf"race \(read after write\).*thread 0 at cross_inject_attention.cu:\d+.*"
+                                           rf"thread 1 at cross_inject_attention.cu:{read}\b"):
+        emulated_without_barrier_1.cross_inject_attention(q, k, v, *args)
+
+
+def _kernel_results(ops) -> list[torch.Tensor]:
+    """Every emulated kernel once, forward and backward, at small sizes."""
+    results = []
+    for dtype, d, dv, rotary, lengths in [(torch.bfloat16, 64, 64, True, ([70, 0, 5], [40, 3, 0])),
+                                          (torch.float32, 7, 5, False, ([6, 0, 5], [11, 3, 0]))]:
+        q, k, v, cq, ck, extra = _attention_case(*lengths, 2, 1, d, dv, dtype, rotary)
+        args = (cq, ck, d**-0.5, extra["q_positions"], extra["k_positions"], extra["rotary_cos"], extra["rotary_sin"])
+        out, lse = ops.cross_inject_attention(q, k, v, *args)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+        results += [out, lse, *ops.cross_inject_attention_backward(g, None, q, k, v, out, lse, *args)]
+    x = torch.randn(30, 2, 16, generator=torch.Generator().manual_seed(3))
+    results.append(ops.chunk_pool(x, cu_seqlens([9, 0, 21]), 4, "mean"))
+    emb = torch.randn(2, 3, 14, 40, generator=torch.Generator().manual_seed(4))
+    results += list(ops.tree_topk(emb[:, 0, 0], emb, 3, 1, 2, "cosine"))
+    return results
+
+
+def test_results_do_not_depend_on_the_thread_schedule(emulated, monkeypatch):
+    """Seeded random orders of a block's threads (the race checks on) give bit-identical results."""
+    monkeypatch.setenv("SHAREDLLM_EMULATOR_SCHEDULE_SEED", "0")
+    in_order = _kernel_results(emulated)
+    for seed in ("1", "2", "3"):
+        monkeypatch.setenv("SHAREDLLM_EMULATOR_SCHEDULE_SEED", seed)
+        for i, (a, b) in enumerate(zip(_kernel_results(emulated), in_order)):
+            assert torch.equal(a, b), f"seed {seed}: result {i} differs from the in-order schedule"
+
+
+# ---------------------------------------------------------------------------------------------
+# AddressSanitizer: out-of-bounds global memory, use after free, in a build of its own
+
+ASAN_RUN = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+torch.ops.load_library({library!r})
+ops = torch.ops.sharedllm_emulated_asan
+if {fault!r}:
+    ops.emulator_fault(torch.zeros(68), "global_read", 68)  # the float just past the end
+else:
+    import test_cuda_emulated as t
+    for case in t.ATTENTION_CASES:
+        t.test_attention_forward_backward_match_reference(ops, *case.values)
+    t.test_attention_without_lse_gradient_and_empty_inputs(ops)
+    for dtype in (torch.float32, torch.bfloat16):
+        for mode in ("mean", "first"):
+            t.test_chunk_pool_matches_reference(ops, dtype, mode, 16)
+        t.test_tree_topk_matches_reference(ops, dtype, "cosine", 3, 1, 2, 40)
+print("finished")
+"""
+
+
+@pytest.fixture(scope="module")
+def asan_library():
+    """The unchecked emulator and every harness built with -fsanitize=address; returns its path.
+    Built here, loaded only in processes that preload the ASan runtime (it must come first)."""
+    libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(libasan):
+        pytest.skip("g++ has no AddressSanitizer runtime")
+    name = "sharedllm_emulated_asan"
+    try:  # builds, then fails to load into this process, which has no ASan runtime
+        build_emulated(name, ("attention", "chunk_pool", "tree_topk", "faults"),
+                       ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"])
+    except OSError:
+        pass
+    library = os.path.join(ROOT, "build", name, f"{name}.so")
+    assert os.path.isfile(library)
+    # libstdc++ preloaded too: ASan's __cxa_throw interceptor needs the real one at start-up
+    libstdcxx = subprocess.run(["g++", "-print-file-name=libstdc++.so"], capture_output=True, text=True).stdout.strip()
+    return library, f"{libasan} {libstdcxx}"
+
+
+def _run_under_asan(asan_library, fault: bool) -> subprocess.CompletedProcess:
+    library, preload = asan_library
+    env = dict(os.environ, LD_PRELOAD=preload, ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=0")
+    script = ASAN_RUN.format(tests=HERE, library=library, fault=fault)
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1200)
+
+
+def test_every_kernel_runs_clean_under_addresssanitizer(asan_library):
+    result = _run_under_asan(asan_library, fault=False)
+    assert result.returncode == 0 and "finished" in result.stdout, result.stderr[-4000:]
+    assert "ERROR: AddressSanitizer" not in result.stderr
+
+
+def test_addresssanitizer_finds_a_read_past_the_end_of_a_tensor(asan_library):
+    result = _run_under_asan(asan_library, fault=True)
+    line = _line_of(FAULTS, "out[threadIdx.x] = x[index]")
+    assert result.returncode != 0 and "finished" not in result.stdout
+    assert "ERROR: AddressSanitizer: heap-buffer-overflow" in result.stderr, result.stderr[-4000:]
+    assert f"harness_faults.cpp:{line}" in result.stderr, result.stderr[-4000:]

@@ -803,6 +803,24 @@ def test_from_pretrained_of_a_wrong_folder_raises(tmp_path):
         SharedLLMForCausalLM.from_pretrained(tmp_path, make_base())
 
 
+def test_from_pretrained_into_more_injected_layers_needs_missing_ok(tmp_path):
+    """Two saved cross blocks into a three-layer config: refused by default; with ``missing_ok`` the
+    saved blocks are loaded and the third keeps its fresh ``cross_init`` start."""
+    cfg = dict(num_injected_layers=2, chunk_size=16, tree_depth=2, tokens_per_node=3, cross_init="copy_zero")
+    model, _ = wrap(**cfg)
+    _perturb(model.cross_blocks.parameters())
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="missing"):
+        SharedLLMForCausalLM.from_pretrained(tmp_path, make_base(), num_injected_layers=3)
+    loaded = SharedLLMForCausalLM.from_pretrained(tmp_path, make_base(), missing_ok=True, num_injected_layers=3)
+    fresh = SharedLLMForCausalLM.from_base(make_base(), SharedLLMConfig(**dict(cfg, num_injected_layers=3)))
+    assert len(loaded.cross_blocks) == 3
+    for i in range(3):
+        want = (model if i < 2 else fresh).cross_blocks[str(i)].state_dict()
+        for k, v in loaded.cross_blocks[str(i)].state_dict().items():
+            assert torch.equal(v, want[k]), f"cross block {i}: {k}"
+
+
 def test_save_load_round_trip_unshared_lower_layers(tmp_path):
     model, _ = wrap(num_injected_layers=2, chunk_size=16, tree_depth=2, tokens_per_node=3, share_lower=False)
     _perturb(model.lower_layers.parameters())

@@ -217,6 +217,19 @@ def test_a_finished_run_extends_to_more_steps(data_dir, tmp_path):
     assert_same_tensors(injector(extended["model"]), injector(full["model"]), "extended run's final weights")
 
 
+def test_a_run_can_start_from_another_runs_injector_under_a_new_config(data_dir, tmp_path):
+    """``init_from``: the weights of a trained injector, the tree setting of this run's config; zero
+    steps of learning rate leave the weights as they were loaded."""
+    first = run(config(data_dir, tmp_path / "first", steps=2))
+    cfg = config(data_dir, tmp_path / "second", steps=1, lr=1e-30, init_from=str(first["checkpoint"]),
+                 sharedllm={"tree_depth": SMALL["tree_depth"] + 1})
+    second = run(cfg)
+    assert second["model"].config.tree_depth == cfg.sharedllm["tree_depth"] != first["model"].config.tree_depth
+    assert_same_tensors(injector(second["model"]), injector(first["model"]), "weights started from init_from",
+                        rtol=1e-6)
+    assert json.loads((second["checkpoint"] / "train_config.json").read_text())["init_from"] == cfg.init_from
+
+
 # ----------------------------------------------------------------------------------------------
 # determinism, samples, schedule
 

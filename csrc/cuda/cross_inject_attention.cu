@@ -464,7 +464,7 @@ __device__ __forceinline__ bool block_tile(const int32_t* cu, int64_t batch, int
   if (threadIdx.x == 0) {
     if (!find_tile(cu, batch, total, rows_per_tile, blockIdx.x, found[0], found[1])) found[0] = -1;
   }
-  __syncthreads();
+  SHAREDLLM_BARRIER(1);  // tests/test_cuda_emulated.py removes it to see the race reported
   seq = found[0];
   first_row = found[1];
   return seq >= 0;

@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="runs/sharedllm", help="checkpoint folder (default: runs/sharedllm)")
     for name, kind in CONFIG_OPTIONS:
         parser.add_argument(f"--{name}", type=kind, default=None)
+    parser.add_argument("--init-from", default=None,
+                        help="an injector folder to start from (its weights; the SharedLLM config is --config's)")
     parser.add_argument("--trainable", choices=("cross", "cross+top"), default=None)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None)

@@ -189,9 +189,11 @@ class SharedLLMForCausalLM(nn.Module):
         save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata=meta)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, base_model_or_path, **overrides) -> "SharedLLMForCausalLM":
+    def from_pretrained(cls, path: str | os.PathLike, base_model_or_path, *, missing_ok: bool = False,
+                        **overrides) -> "SharedLLMForCausalLM":
         """Wraps ``base_model_or_path`` with the config and injector saved in ``path`` (in eval mode, as
-        :meth:`from_base`)."""
+        :meth:`from_base`). ``missing_ok``: parameters the saved injector lacks (say, the cross blocks of
+        more injected layers than it had) keep their ``cross_init`` start instead of raising."""
         config = replace(SharedLLMConfig.load(path), **overrides)
         model = cls.from_base(base_model_or_path, config)
         file = os.path.join(path, WEIGHTS_NAME)
@@ -203,7 +205,7 @@ class SharedLLMForCausalLM(nn.Module):
         tensors = load_file(file, device=str(model.device))
         expected = set(model.injector_state_dict())
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        if missing or unexpected:
+        if unexpected or (missing and not missing_ok):
             raise ValueError(f"{file} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         own = model.state_dict()
         with torch.no_grad():

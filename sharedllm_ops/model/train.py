@@ -60,6 +60,10 @@ class TrainConfig:
     decoder_tokens: int = 512
     trainable: str = "cross"  # "cross" | "cross+top"
     top_layers: int = 0
+    # an injector folder whose weights start the run (its config is overridden by ``sharedllm``): continue a
+    # trained injector under another tree setting or with more injected layers (those start as
+    # ``cross_init`` says); ignored when resuming from ``output``
+    init_from: str | None = None
     seed: int = 0
     save_every: int = 50
     log_every: int = 1
@@ -183,6 +187,8 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, resume: bool = True, p
     checkpoint = latest_checkpoint(output) if resume else None
     if checkpoint is not None:
         model = SharedLLMForCausalLM.from_pretrained(checkpoint, base)
+    elif cfg.init_from is not None:
+        model = SharedLLMForCausalLM.from_pretrained(cfg.init_from, base, missing_ok=True, **cfg.sharedllm)
     else:
         model = SharedLLMForCausalLM.from_base(base, SharedLLMConfig(**cfg.sharedllm))
     model.set_trainable(cfg.trainable, cfg.top_layers)

@@ -43,7 +43,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_FRAGMENT(sharedllm_emulated, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(SHAREDLLM_EMULATED_OPS, m) {
   m.def("cross_inject_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "float softmax_scale, Tensor? q_positions, Tensor? k_positions, Tensor? rotary_cos, Tensor? rotary_sin) -> "
       "(Tensor out, Tensor lse)");
@@ -53,7 +53,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(sharedllm_emulated, m) {
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
 
-STABLE_TORCH_LIBRARY_IMPL(sharedllm_emulated, CPU, m) {
+STABLE_TORCH_LIBRARY_IMPL(SHAREDLLM_EMULATED_OPS, CPU, m) {
   m.impl("cross_inject_attention", TORCH_BOX(&forward));
   m.impl("cross_inject_attention_backward", TORCH_BOX(&backward));
 }

@@ -29,12 +29,12 @@ Tensor pool_backward(const Tensor& grad_out, const Tensor& cu, int64_t num_rows,
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_FRAGMENT(sharedllm_emulated, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(SHAREDLLM_EMULATED_OPS, m) {
   m.def("chunk_pool(Tensor x, Tensor cu_seqlens, int tokens_per_node, str mode) -> Tensor");
   m.def("chunk_pool_backward(Tensor grad_out, Tensor cu_seqlens, int num_rows, int tokens_per_node, str mode) -> Tensor");
 }
 
-STABLE_TORCH_LIBRARY_IMPL(sharedllm_emulated, CPU, m) {
+STABLE_TORCH_LIBRARY_IMPL(SHAREDLLM_EMULATED_OPS, CPU, m) {
   m.impl("chunk_pool", TORCH_BOX(&pool));
   m.impl("chunk_pool_backward", TORCH_BOX(&pool_backward));
 }

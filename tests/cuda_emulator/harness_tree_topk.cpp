@@ -21,11 +21,11 @@ std::tuple<Tensor, Tensor> topk(const Tensor& query, const Tensor& node_emb, int
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_FRAGMENT(sharedllm_emulated, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(SHAREDLLM_EMULATED_OPS, m) {
   m.def("tree_topk(Tensor query, Tensor node_emb, int depth, int k, int branching, str score) -> "
       "(Tensor node_ids, Tensor scores)");
 }
 
-STABLE_TORCH_LIBRARY_IMPL(sharedllm_emulated, CPU, m) {
+STABLE_TORCH_LIBRARY_IMPL(SHAREDLLM_EMULATED_OPS, CPU, m) {
   m.impl("tree_topk", TORCH_BOX(&topk));
 }

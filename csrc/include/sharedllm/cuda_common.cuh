@@ -90,6 +90,18 @@ __device__ __forceinline__ int64_t segment_of_row(const int32_t* cu, int64_t num
   return lo;
 }
 
+// __syncthreads() at a barrier numbered `n`. A test build of the CPU emulator defines
+// SHAREDLLM_DROP_BARRIER=n to remove that one barrier and expects its race detector to report the
+// race the removal opens (tests/test_cuda_emulated.py); everywhere else it is a plain barrier.
+#if defined(SHAREDLLM_CUDA_EMULATOR) && defined(SHAREDLLM_DROP_BARRIER)
+#define SHAREDLLM_BARRIER(n) \
+  do {                         \
+    if ((n) != SHAREDLLM_DROP_BARRIER) __syncthreads(); \
+  } while (0)
+#else
+#define SHAREDLLM_BARRIER(n) __syncthreads()
+#endif
+
 // The block's dynamic shared memory as `type* name`. (The CPU emulator of tests/cuda_emulator
 // defines its own.)
 #ifndef SHAREDLLM_DYNAMIC_SHARED

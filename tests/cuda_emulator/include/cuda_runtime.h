@@ -3,16 +3,19 @@
 // when the kernels are compiled as host C++ with -DSHAREDLLM_CUDA_EMULATOR.
 //
 // Every CUDA thread of a block is a fiber (ucontext) on one OS thread; blocks run one after the
-// other. __syncthreads, __syncwarp, warp shuffles and mma.sync are collective: a fiber deposits
-// its operand and yields until every live thread of its block (or warp) has arrived. mma.sync
-// m16n8k16 is rebuilt from the 32 lanes' fragments with the layout of the PTX ISA and multiplied
-// in float32. Static __shared__ arrays become function statics (one block runs at a time);
-// dynamic shared memory is NaN-filled before each block, so a read of unwritten shared memory
-// shows up in the results. A launch asking for more dynamic shared memory than an sm_90 block may
-// have (48 KiB, or up to 227 KiB where the kernel opted in) fails as on the GPU: nothing runs and
-// cudaGetLastError reports it. What this cannot show: races between warps that real hardware would
-// interleave differently, memory-model effects, timing, and the static shared memory's share of
-// that limit.
+// other, the fibers of a block in thread order or, with SHAREDLLM_EMULATOR_SCHEDULE_SEED set to a
+// nonzero number, in a fresh seeded random order at every round. __syncthreads, __syncwarp, warp
+// shuffles and mma.sync are collective: a fiber deposits its operand and yields until every live
+// thread of its block (or warp) has arrived. mma.sync m16n8k16 is rebuilt from the 32 lanes'
+// fragments with the layout of the PTX ISA and multiplied in float32. Static __shared__ arrays
+// become function statics (one block runs at a time); they and the dynamic shared memory are
+// NaN-filled before each block (emulator_checks.h finds the statics), so that a read of unwritten
+// shared memory shows up in the results. A launch the GPU would refuse (a block of more than 1024 threads, a grid past
+// 2^31 - 1 by 65535 by 65535, more dynamic shared memory than 48 KiB or what the kernel opted in
+// to, up to 227 KiB) runs nothing and cudaGetLastError reports it. The build with
+// SHAREDLLM_EMULATOR_CHECKS also finds shared-memory races, misaligned 16-byte accesses and static
+// plus dynamic shared memory over the limit (emulator_checks.h). What this cannot show:
+// memory-model effects, timing, and the hardware itself.
 #pragma once
 
 #include <ucontext.h>
@@ -30,9 +33,17 @@
 #include <utility>
 #include <vector>
 
+#include <random>
+#include <string>
+
+#include "emulator_checks.h"
 #include "sharedllm/common.h"
 
 #define SHAREDLLM_CUDA_EMULATOR 1
+// the torch.ops namespace the harnesses register their ops in (one per build loaded together)
+#ifndef SHAREDLLM_EMULATED_OPS
+#define SHAREDLLM_EMULATED_OPS sharedllm_emulated
+#endif
 #define __global__
 #define __device__
 #define __host__
@@ -45,7 +56,7 @@ struct dim3 {
   unsigned x, y, z;
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-struct uint4 {
+struct alignas(16) uint4 {  // as CUDA's: a misaligned one is a fault, not a slow load
   unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
@@ -54,6 +65,8 @@ using cudaError_t = int;
 using cudaStream_t = void*;
 constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
+constexpr cudaError_t cudaErrorInvalidConfiguration = 9;
+constexpr cudaError_t cudaErrorEmulatorFinding = 999;  // the emulator's checks found a bug (emulator_checks.h)
 enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 
@@ -74,7 +87,15 @@ inline std::map<const void*, size_t>& opted_in_shared_bytes() {
 
 inline cudaError_t cudaGetLastError() { return std::exchange(emulator::last_error(), cudaSuccess); }
 inline const char* cudaGetErrorString(cudaError_t error) {
-  return error == cudaSuccess ? "no error" : "invalid argument";
+  static std::string findings;
+  switch (error) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorEmulatorFinding:
+      findings = emulator::checks::state().findings;
+      return findings.c_str();
+    default: return "invalid argument";
+  }
 }
 inline cudaError_t cudaGetDevice(int* device) { return *device = 0, cudaSuccess; }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) { return *value = 9, cudaSuccess; }  // sm_90
@@ -159,6 +180,14 @@ inline void barrier(int scope) {
     }
     yield();
   }
+}
+
+// A faulting thread ends where it stands; the rest of the block goes on without it.
+inline void trap_fiber() {
+  Block& b = *block();
+  b.fibers[b.current].done = true;
+  ++b.progress;
+  swapcontext(&b.fibers[b.current].context, &b.scheduler);
 }
 
 inline int warp_scope() { return 1 + static_cast<int>(threadIdx.x / 32); }
@@ -280,20 +309,32 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t 
   L launch{kernel, std::tuple<std::decay_t<Params>...>(static_cast<Params>(args)...)};
   constexpr size_t kStack = 256 * 1024;
   const unsigned threads = block_dim.x * block_dim.y * block_dim.z;
-  if (block_dim.y != 1 || block_dim.z != 1 || threads % 32 != 0 || threads > 1024) {
+  if (block_dim.y != 1 || block_dim.z != 1 || threads % 32 != 0) {  // what the emulator supports
     std::fprintf(stderr, "cuda emulator: blocks must be 1-D whole warps, got %u threads\n", threads);
     std::abort();
+  }
+  // sm_90's limits: the GPU refuses such a launch and check_launch reports it
+  if (threads == 0 || threads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu ||
+      grid.y > 65535 || grid.z > 65535) {
+    emulator::last_error() = cudaErrorInvalidConfiguration;
+    return;
   }
   const auto opted_in = emulator::opted_in_shared_bytes().find(reinterpret_cast<const void*>(kernel));
   const size_t allowed = opted_in == emulator::opted_in_shared_bytes().end()
                              ? emulator::kDefaultSharedBytes
                              : std::max(emulator::kDefaultSharedBytes, opted_in->second);
-  if (shared_bytes > allowed) {  // the GPU refuses the launch; check_launch reports it
+  if (shared_bytes > allowed) {
     emulator::last_error() = cudaErrorInvalidValue;
     return;
   }
+  const char* seed_text = std::getenv("SHAREDLLM_EMULATOR_SCHEDULE_SEED");
+  const unsigned long seed = seed_text ? std::strtoul(seed_text, nullptr, 10) : 0;
+  emulator::checks::State& checks = emulator::checks::state();
+  emulator::checks::start_launch();
   gridDim = grid;
   blockDim = block_dim;
+  std::vector<unsigned> order(threads);
+  size_t static_bytes = 0;  // the static shared objects the first block touched
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -317,16 +358,26 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t 
           makecontext(&f.context, reinterpret_cast<void (*)()>(&emulator::fiber_entry<L>), 2,
                       static_cast<unsigned>(address & 0xffffffffu), static_cast<unsigned>(address >> 32));
         }
-        // round robin until every thread is done; a full round without progress is a deadlock
+        emulator::checks::start_block(x, y, z, b.dynamic_shared, b.generation.data());
+        std::mt19937_64 shuffle(seed * 0x9e3779b97f4a7c15ull + (static_cast<uint64_t>(z) << 42) +
+                                (static_cast<uint64_t>(y) << 21) + x);
+        // rounds until every thread is done; a full round without progress is a deadlock
         uint64_t seen = ~uint64_t{0};
         for (;;) {
+          for (unsigned t = 0; t < threads; ++t) order[t] = t;
+          if (seed != 0) std::shuffle(order.begin(), order.end(), shuffle);
           bool all_done = true;
-          for (unsigned t = 0; t < threads; ++t) {
+          for (unsigned t : order) {
             if (b.fibers[t].done) continue;
             all_done = false;
             b.current = static_cast<int>(t);
             threadIdx = dim3(t, 0, 0);
+            checks.thread = static_cast<int>(t);
+            checks.stack_begin = reinterpret_cast<uintptr_t>(b.fibers[t].stack.get());
+            checks.stack_end = checks.stack_begin + kStack;
+            checks.active = emulator::checks::enabled();
             swapcontext(&b.scheduler, &b.fibers[t].context);
+            checks.active = false;
           }
           if (all_done) break;
           if (b.progress == seen) {
@@ -336,7 +387,18 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t 
           seen = b.progress;
         }
         emulator::block() = nullptr;
+        if (x == 0 && y == 0 && z == 0) static_bytes = emulator::checks::touched_static_bytes();
       }
+  // static plus dynamic: at most 48 KiB, or 227 KiB for a kernel that opted in (its dynamic part
+  // alone is held to what it opted in to, above)
+  const size_t block_limit = opted_in == emulator::opted_in_shared_bytes().end() ? emulator::kDefaultSharedBytes
+                                                                                 : emulator::kOptInSharedBytes;
+  if (static_bytes + shared_bytes > block_limit) {
+    emulator::checks::report("static shared memory touched (" + std::to_string(static_bytes) +
+                             " bytes) plus dynamic (" + std::to_string(shared_bytes) + ") exceeds the " +
+                             std::to_string(block_limit) + " bytes a block may have");
+  }
+  if (!checks.findings.empty()) emulator::last_error() = cudaErrorEmulatorFinding;
 }
 
 }  // namespace sharedllm::cuda
