@@ -13,7 +13,8 @@
 // * shared-memory races: each byte of the block's shared memory (static and dynamic) remembers its
 //   last write and up to two reads since, with the thread and the code address. An interval is the
 //   stretch between two __syncthreads (block epoch) or, inside one warp, two warp collectives
-//   (__syncwarp, shuffles, mma: warp epoch). Two threads touching a byte in the same interval, one
+//   (__syncwarp, shuffles, mma: warp epoch; generous, since CUDA's memory model promises ordering
+//   at __syncwarp only, so a kernel that orders shared memory by a shuffle alone is not flagged). Two threads touching a byte in the same interval, one
 //   of them writing, is a race: reported with both threads, both source lines and the block;
 // * accesses through a pointer off its type's alignment (uint4 and the kernels' Vec types: 16
 //   bytes), which -fsanitize=alignment reports to __ubsan_handle_type_mismatch_v1: a GPU faults on
