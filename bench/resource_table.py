@@ -94,7 +94,8 @@ def _launch_bounds(source_text: str, header_text: str = "") -> dict[str, int]:
 
 PTXAS_FUNCTION = re.compile(r"Compiling entry function '(\w+)' for 'sm_90'")
 PTXAS_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-PTXAS_USED = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?")
+PTXAS_USED = re.compile(r"Used (\d+) registers")
+PTXAS_SMEM = re.compile(r"(\d+) bytes smem")  # anywhere on the line: a stack size may come before it
 
 
 def _kernel_name(pretty: str) -> str:
@@ -113,7 +114,8 @@ def parse_ptxas(log: str, source: str, bounds: dict[str, int]) -> list[KernelRes
         elif current is not None and (m := PTXAS_STACK.search(line)):
             current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
         elif current is not None and (m := PTXAS_USED.search(line)):
-            current.update(registers=int(m.group(1)), shared=int(m.group(2) or 0))
+            smem = PTXAS_SMEM.search(line)
+            current.update(registers=int(m.group(1)), shared=int(smem.group(1)) if smem else 0)
             kernels.append(current)
             current = None
     names = _demangle([k["name"] for k in kernels])

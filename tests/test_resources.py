@@ -60,8 +60,13 @@ ptxas info    : Compiling entry function '_Z3barv' for 'sm_90'
 ptxas info    : Function properties for _Z3barv
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 8 registers, 352 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z3bazv' for 'sm_90'
+ptxas info    : Function properties for _Z3bazv
+    32 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 45 registers, 11688 bytes cumulative stack size, 64 bytes smem, 352 bytes cmem[0]
 """
-    foo, bar = rt.parse_ptxas(log, "x.cu", {"foo": 256})
+    foo, bar, baz = rt.parse_ptxas(log, "x.cu", {"foo": 256})
+    assert (baz.registers, baz.stack, baz.shared) == (45, 32, 64)  # smem after a stack size
     assert (foo.registers, foo.spill_stores, foo.spill_loads, foo.stack, foo.shared, foo.threads) == (40, 8, 12, 16, 2048, 256)
     assert (bar.registers, bar.spills, bar.shared, bar.threads) == (8, 0, 0, None)
     # 40 registers x 32 lanes = 1280 per warp, 8 warps: 6 blocks by registers; 2048 threads / 256 = 8

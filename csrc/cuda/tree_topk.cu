@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kThreads) tree_topk_kernel(TreeTopkParams p) {
   for (int64_t t = warp; t < p.nodes; t += kWarps) {
     const T* e = emb + t * p.e_node_stride;
     float dot = 0.f, e_sq = 0.f;
-    // a 32-bit counter (dim < 2^31, checked on the host): with int64_t, ptxas spilled in <float, 4>
+    // a 32-bit counter (dim < 2^31 - 512, checked on the host): with int64_t, ptxas spilled in <float, 4>
     for (int d = lane * VEC; d < static_cast<int>(p.dim); d += 32 * VEC) {
       float ev[VEC], qv[VEC];
       load_vec<T, VEC>(e + d, ev);
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) tree_topk_kernel(TreeTopkParams p) {
 template <typename T>
 void tree_topk(const TreeTopkParams& p, void* stream) {
   const int64_t blocks = p.batch * p.chunks;
-  if (p.dim > INT32_MAX) throw std::invalid_argument("tree_topk: node_emb.shape[-1] must be below 2**31");
+  if (p.dim > INT32_MAX - 32 * 16) throw std::invalid_argument("tree_topk: node_emb.shape[-1] must be below 2**31 - 512");
   const size_t shared = static_cast<size_t>(tree_topk_shared_bytes(p.nodes));
   const auto s = static_cast<cudaStream_t>(stream);
   if (can_vectorize<T>({p.query, p.node_emb}, {p.q_stride, p.e_batch_stride, p.e_chunk_stride, p.e_node_stride},

@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, kind in CONFIG_OPTIONS:
         parser.add_argument(f"--{name}", type=kind, default=None)
     parser.add_argument("--init-from", default=None,
-                        help="an injector folder to start from (its weights; the SharedLLM config is --config's)")
+                        help="an injector folder to start from: its weights, and its config with the run's SharedLLM "
+                             "fields (the defaults and --config) over it")
     parser.add_argument("--trainable", choices=("cross", "cross+top"), default=None)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None)

@@ -192,8 +192,8 @@ class SharedLLMForCausalLM(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, base_model_or_path, *, missing_ok: bool = False,
                         **overrides) -> "SharedLLMForCausalLM":
         """Wraps ``base_model_or_path`` with the config and injector saved in ``path`` (in eval mode, as
-        :meth:`from_base`). ``missing_ok``: parameters the saved injector lacks (say, the cross blocks of
-        more injected layers than it had) keep their ``cross_init`` start instead of raising."""
+        :meth:`from_base`). ``missing_ok``: cross blocks the saved injector lacks (it had fewer injected
+        layers) keep their ``cross_init`` start instead of raising; anything else missing still raises."""
         config = replace(SharedLLMConfig.load(path), **overrides)
         model = cls.from_base(base_model_or_path, config)
         file = os.path.join(path, WEIGHTS_NAME)
@@ -205,7 +205,8 @@ class SharedLLMForCausalLM(nn.Module):
         tensors = load_file(file, device=str(model.device))
         expected = set(model.injector_state_dict())
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        if unexpected or (missing and not missing_ok):
+        # missing_ok covers cross blocks only (more injected layers): any other gap is a wrong folder
+        if unexpected or (missing and not (missing_ok and all(k.startswith("cross_blocks.") for k in missing))):
             raise ValueError(f"{file} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         own = model.state_dict()
         with torch.no_grad():

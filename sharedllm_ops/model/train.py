@@ -60,7 +60,7 @@ class TrainConfig:
     decoder_tokens: int = 512
     trainable: str = "cross"  # "cross" | "cross+top"
     top_layers: int = 0
-    # an injector folder whose weights start the run (its config is overridden by ``sharedllm``): continue a
+    # an injector folder whose weights start the run (its saved config with ``sharedllm`` over it): continue a
     # trained injector under another tree setting or with more injected layers (those start as
     # ``cross_init`` says); ignored when resuming from ``output``
     init_from: str | None = None
@@ -189,6 +189,9 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, resume: bool = True, p
         model = SharedLLMForCausalLM.from_pretrained(checkpoint, base)
     elif cfg.init_from is not None:
         model = SharedLLMForCausalLM.from_pretrained(cfg.init_from, base, missing_ok=True, **cfg.sharedllm)
+        if model._trained_base_layers:  # set_trainable below would drop them from every checkpoint
+            raise ValueError(f"init_from {cfg.init_from} has trained base layers {model._trained_base_layers}: "
+                             "a run can start from an injector's cross blocks only")
     else:
         model = SharedLLMForCausalLM.from_base(base, SharedLLMConfig(**cfg.sharedllm))
     model.set_trainable(cfg.trainable, cfg.top_layers)

@@ -334,7 +334,7 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t 
   gridDim = grid;
   blockDim = block_dim;
   std::vector<unsigned> order(threads);
-  size_t static_bytes = 0;  // the static shared objects the first block touched
+  size_t static_bytes = 0;  // the static shared objects the launch touched
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -358,7 +358,7 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t 
           makecontext(&f.context, reinterpret_cast<void (*)()>(&emulator::fiber_entry<L>), 2,
                       static_cast<unsigned>(address & 0xffffffffu), static_cast<unsigned>(address >> 32));
         }
-        emulator::checks::start_block(x, y, z, b.dynamic_shared, b.generation.data());
+        emulator::checks::start_block(x, y, z, b.dynamic_shared, shared_bytes, b.generation.data());
         std::mt19937_64 shuffle(seed * 0x9e3779b97f4a7c15ull + (static_cast<uint64_t>(z) << 42) +
                                 (static_cast<uint64_t>(y) << 21) + x);
         // rounds until every thread is done; a full round without progress is a deadlock
@@ -387,8 +387,8 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t 
           seen = b.progress;
         }
         emulator::block() = nullptr;
-        if (x == 0 && y == 0 && z == 0) static_bytes = emulator::checks::touched_static_bytes();
       }
+  static_bytes = emulator::checks::touched_static_bytes();  // by any block of the launch
   // static plus dynamic: at most 48 KiB, or 227 KiB for a kernel that opted in (its dynamic part
   // alone is held to what it opted in to, above)
   const size_t block_limit = opted_in == emulator::opted_in_shared_bytes().end() ? emulator::kDefaultSharedBytes

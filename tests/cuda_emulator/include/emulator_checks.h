@@ -69,7 +69,7 @@ struct State {
   uintptr_t static_low = 0, static_high = 0;
   // the running block: serial number, dynamic shared memory, the fiber's stack, thread, barrier generations
   uint32_t block_serial = 0;
-  uintptr_t dynamic_begin = 0, dynamic_end = 0, stack_begin = 0, stack_end = 0;
+  uintptr_t dynamic_begin = 0, dynamic_end = 0, dynamic_slack_end = 0, stack_begin = 0, stack_end = 0;
   int thread = 0;
   const int* generation = nullptr;
   unsigned block[3] = {0, 0, 0};
@@ -120,7 +120,7 @@ inline const std::vector<Object>& static_objects() {
     unsigned long value = 0, size = 0;
     char type = 0, name[1024];
     if (std::sscanf(table.c_str() + start, "%lx %lx %c %1023s", &value, &size, &type, name) == 4 &&
-        std::strchr("bBdD", type) && std::strncmp(name, "_ZZN9sharedllm4cuda", 19) == 0 && size > 0)
+        std::strchr("bB", type) && std::strncmp(name, "_ZZN9sharedllm4cuda", 19) == 0 && size > 0)
       s.objects.push_back({base + value, size, 0});
     start = end + 1;
   }
@@ -142,7 +142,7 @@ inline void start_launch() {
 
 // Before each block: NaN in every static shared object; a fresh shadow for the dynamic memory.
 inline void start_block(unsigned x, unsigned y, unsigned z, const std::vector<unsigned char>& dynamic,
-                        const int* generation) {
+                        size_t dynamic_bytes, const int* generation) {
   State& s = state();
   size_t static_bytes = 0;
   for (const Object& o : static_objects()) {
@@ -152,7 +152,8 @@ inline void start_block(unsigned x, unsigned y, unsigned z, const std::vector<un
   if (!enabled()) return;
   ++s.block_serial;  // older accesses in the shadow now belong to another block: ignored
   s.dynamic_begin = reinterpret_cast<uintptr_t>(dynamic.data());
-  s.dynamic_end = s.dynamic_begin + dynamic.size();
+  s.dynamic_end = s.dynamic_begin + dynamic_bytes;  // what the launch asked for; the rest is slack
+  s.dynamic_slack_end = s.dynamic_begin + dynamic.size();
   if (s.shadow.size() < static_bytes + dynamic.size()) s.shadow.resize(static_bytes + dynamic.size());
   s.generation = generation;
   s.block[0] = x, s.block[1] = y, s.block[2] = z;
@@ -229,20 +230,39 @@ SHAREDLLM_UNCHECKED inline void on_access(uintptr_t address, size_t size, bool w
                    static_cast<uint32_t>(s.generation[1 + s.thread / 32]), pc};
   // an access never straddles two shared objects: one lookup, then its bytes' consecutive shadows
   Byte* first = shadow_of(s, address);
-  for (uintptr_t a = address; first != nullptr && a < address + size; ++a) {
+  uintptr_t end = address + size;
+  if ((first != nullptr && address >= s.dynamic_begin && address < s.dynamic_end && end > s.dynamic_end) ||
+      (address >= s.dynamic_end && address < s.dynamic_slack_end)) {
+    char text[128];
+    std::snprintf(text, sizeof text, "access of %zu bytes at 0x%lx by thread %d runs past the dynamic shared memory, at ",
+                  size, static_cast<unsigned long>(address), s.thread);
+    report(text + where(pc));
+    end = s.dynamic_end;
+  }
+  bool reported = false;  // one report per access, not one per byte
+  auto check = [&](const char* kind, const Access& first_access, uintptr_t a) {
+    if (!reported) race(kind, first_access, now, a);
+    reported = true;
+  };
+  for (uintptr_t a = address; first != nullptr && a < end; ++a) {
     Byte* byte = first + (a - address);
-    if (!ordered(byte->write, now)) race(write ? "write after write" : "read after write", byte->write, now, a);
+    if (!ordered(byte->write, now)) check(write ? "write after write" : "read after write", byte->write, a);
     if (write) {
       for (const Access& r : byte->reads)
-        if (!ordered(r, now)) race("write after read", r, now, a);
+        if (!ordered(r, now)) check("write after read", r, a);
       byte->write = now;
       byte->reads[0] = byte->reads[1] = Access{};
-    } else if (!(byte->reads[0].block == now.block && byte->reads[0].thread == now.thread) &&
-               !(byte->reads[1].block == now.block && byte->reads[1].thread == now.thread)) {
-      // keep a read that a later write could race with: replace one ordered before this one
-      Access& slot = ordered(byte->reads[0], now) ? byte->reads[0] : byte->reads[1];
-      slot = now;
+      continue;
     }
+    // keep the reads a later write could race with: this thread's latest, else a slot whose read is
+    // ordered before this one, else (two concurrent readers) the slot of this thread's warp, so
+    // that reads from two warps stay
+    Access* slot = nullptr;
+    for (Access& r : byte->reads)
+      if (r.block == now.block && r.thread == now.thread) slot = &r;
+    if (slot == nullptr) slot = ordered(byte->reads[0], now) ? &byte->reads[0] : ordered(byte->reads[1], now) ? &byte->reads[1]
+                                : byte->reads[0].thread / 32 == now.thread / 32 ? &byte->reads[0] : &byte->reads[1];
+    *slot = now;
   }
   s.busy = false;
 }
