@@ -14,6 +14,7 @@ The dynamic shared memory a launch adds is not in the cubin; it is left out of t
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import shutil
@@ -128,6 +129,17 @@ def parse_ptxas(log: str, source: str, bounds: dict[str, int]) -> list[KernelRes
     return rows
 
 
+@functools.cache
+def _header_text() -> str:
+    """Every kernel header of ``csrc/include/sharedllm``, read once (their constants set launch bounds)."""
+    include = os.path.join(ROOT, "csrc", "include", "sharedllm")
+    texts = []
+    for name in sorted(os.listdir(include)):
+        with open(os.path.join(include, name)) as f:
+            texts.append(f.read())
+    return "\n".join(texts)
+
+
 def compile_resources(source: str) -> list[KernelResources]:
     """ptxas's resources for every kernel of ``csrc/cuda/<source>`` built for sm_90."""
     compiler = nvcc()
@@ -142,13 +154,8 @@ def compile_resources(source: str) -> list[KernelResources]:
         result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"nvcc failed on {source}:\n{result.stderr[-4000:]}")
-    include = os.path.join(ROOT, "csrc", "include", "sharedllm")
-    headers = ""
-    for name in sorted(os.listdir(include)):
-        with open(os.path.join(include, name)) as f:
-            headers += f.read() + "\n"
     with open(path) as f:
-        bounds = _launch_bounds(f.read(), headers)
+        bounds = _launch_bounds(f.read(), _header_text())
     return parse_ptxas(result.stderr + result.stdout, source, bounds)
 
 

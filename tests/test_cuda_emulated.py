@@ -265,6 +265,11 @@ def _line_of(path: str, text: str) -> int:
 FAULTS = os.path.join(HERE, "cuda_emulator", "harness_faults.cpp")
 
 
+def _published_lines() -> tuple[int, int]:
+    """The lines of the "published" fault kernel's shared write and of its readers' read."""
+    return _line_of(FAULTS, "value = x[0]"), _line_of(FAULTS, "out[threadIdx.x] = value")
+
+
 @pytest.mark.parametrize("seed", ["0", "1", "2"])
 def test_a_missing_barrier_is_reported_in_any_schedule(emulated, seed, monkeypatch):
     """Thread 0 publishes a value through shared memory; with the barrier every thread reads it,
@@ -272,7 +277,7 @@ def test_a_missing_barrier_is_reported_in_any_schedule(emulated, seed, monkeypat
     monkeypatch.setenv("SHAREDLLM_EMULATOR_SCHEDULE_SEED", seed)
     x = torch.arange(68, dtype=torch.float32) + 7
     assert torch.equal(emulated.emulator_fault(x, "published", 1), torch.full((64,), 7.0))
-    write, read = _line_of(FAULTS, "value = x[0]"), _line_of(FAULTS, "out[threadIdx.x] = value")
+    write, read = _published_lines()
     with pytest.raises(RuntimeError, match=rf"shared-memory race \((read after write|write after read)\).*"
                                            rf"(harness_faults.cpp:{write}\b.*harness_faults.cpp:{read}\b|"
                                            rf"harness_faults.cpp:{read}\b.*harness_faults.cpp:{write}\b)"):
@@ -281,7 +286,7 @@ def test_a_missing_barrier_is_reported_in_any_schedule(emulated, seed, monkeypat
 
 def test_in_thread_order_the_report_names_both_threads_and_lines(emulated):
     x = torch.zeros(68)
-    write, read = _line_of(FAULTS, "value = x[0]"), _line_of(FAULTS, "out[threadIdx.x] = value")
+    write, read = _published_lines()
     with pytest.raises(RuntimeError, match=rf"block \(0, 0, 0\): shared-memory race \(read after write\) at 0x[0-9a-f]+: "
                                            rf"thread 0 at harness_faults.cpp:{write}\b.*, thread 1 at "
                                            rf"harness_faults.cpp:{read}\b.*, with no barrier between them"):

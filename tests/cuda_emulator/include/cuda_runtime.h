@@ -10,11 +10,11 @@
 // fragments with the layout of the PTX ISA and multiplied in float32. Static __shared__ arrays
 // become function statics (one block runs at a time); they and the dynamic shared memory are
 // NaN-filled before each block (emulator_checks.h finds the statics), so that a read of unwritten
-// shared memory shows up in the results. A launch the GPU would refuse (a block of more than 1024 threads, a grid past
-// 2^31 - 1 by 65535 by 65535, more dynamic shared memory than 48 KiB or what the kernel opted in
-// to, up to 227 KiB) runs nothing and cudaGetLastError reports it. The build with
-// SHAREDLLM_EMULATOR_CHECKS also finds shared-memory races, misaligned 16-byte accesses and static
-// plus dynamic shared memory over the limit (emulator_checks.h). What this cannot show:
+// shared memory shows up in the results. A launch the GPU would refuse (a block of more than 1024
+// threads, a grid past 2^31 - 1 by 65535 by 65535, more dynamic shared memory than 48 KiB or what
+// the kernel opted in to, up to 227 KiB) runs nothing and cudaGetLastError reports it. The build
+// with SHAREDLLM_EMULATOR_CHECKS also finds shared-memory races, misaligned vector accesses and
+// static plus dynamic shared memory over the limit (emulator_checks.h). What this cannot show:
 // memory-model effects, timing, and the hardware itself.
 #pragma once
 
@@ -334,7 +334,6 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t 
   gridDim = grid;
   blockDim = block_dim;
   std::vector<unsigned> order(threads);
-  size_t static_bytes = 0;  // the static shared objects the launch touched
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -373,8 +372,6 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t 
             b.current = static_cast<int>(t);
             threadIdx = dim3(t, 0, 0);
             checks.thread = static_cast<int>(t);
-            checks.stack_begin = reinterpret_cast<uintptr_t>(b.fibers[t].stack.get());
-            checks.stack_end = checks.stack_begin + kStack;
             checks.active = emulator::checks::enabled();
             swapcontext(&b.scheduler, &b.fibers[t].context);
             checks.active = false;
@@ -388,7 +385,7 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t 
         }
         emulator::block() = nullptr;
       }
-  static_bytes = emulator::checks::touched_static_bytes();  // by any block of the launch
+  const size_t static_bytes = emulator::checks::touched_static_bytes();  // by any block of the launch
   // static plus dynamic: at most 48 KiB, or 227 KiB for a kernel that opted in (its dynamic part
   // alone is held to what it opted in to, above)
   const size_t block_limit = opted_in == emulator::opted_in_shared_bytes().end() ? emulator::kDefaultSharedBytes

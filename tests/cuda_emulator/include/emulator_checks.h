@@ -19,8 +19,7 @@
 // * accesses through a pointer off its type's alignment (uint4 and the kernels' Vec types: 16
 //   bytes), which -fsanitize=alignment reports to __ubsan_handle_type_mismatch_v1: a GPU faults on
 //   them, so the thread ends there;
-// * static (the objects the launch's first block touched) plus dynamic shared memory over sm_90's
-//   limit.
+// * static (the objects the launch touched) plus dynamic shared memory over sm_90's limit.
 //
 // The first few findings of a launch are kept; the launch then fails with them as its error
 // string, so that the binding's check_launch raises them as it raises the GPU's errors.
@@ -67,14 +66,15 @@ struct State {
   std::vector<Object> objects;        // the static shared objects, by address
   bool objects_read = false;
   uintptr_t static_low = 0, static_high = 0;
-  // the running block: serial number, dynamic shared memory, the fiber's stack, thread, barrier generations
+  size_t static_bytes = 0;  // of all the objects: where the dynamic memory's shadow starts
+  // the running block: serial number, dynamic shared memory, thread, barrier generations
   uint32_t block_serial = 0;
-  uintptr_t dynamic_begin = 0, dynamic_end = 0, dynamic_slack_end = 0, stack_begin = 0, stack_end = 0;
+  uintptr_t dynamic_begin = 0, dynamic_end = 0, dynamic_slack_end = 0;
   int thread = 0;
   const int* generation = nullptr;
   unsigned block[3] = {0, 0, 0};
   std::vector<Byte> shadow;  // static objects' bytes, then the dynamic shared memory's
-  std::vector<unsigned char> touched;  // per static object: touched by the current launch's first block
+  std::vector<unsigned char> touched;  // per static object: touched by the current launch
   std::string findings;
   int count = 0;
 };
@@ -125,8 +125,7 @@ inline const std::vector<Object>& static_objects() {
     start = end + 1;
   }
   std::sort(s.objects.begin(), s.objects.end(), [](const Object& a, const Object& b) { return a.begin < b.begin; });
-  size_t shadow = 0;
-  for (Object& o : s.objects) o.shadow = shadow, shadow += o.size;
+  for (Object& o : s.objects) o.shadow = s.static_bytes, s.static_bytes += o.size;
   if (!s.objects.empty()) s.static_low = s.objects.front().begin, s.static_high = s.objects.back().begin + s.objects.back().size;
   s.touched.assign(s.objects.size(), 0);
   return s.objects;
@@ -144,17 +143,13 @@ inline void start_launch() {
 inline void start_block(unsigned x, unsigned y, unsigned z, const std::vector<unsigned char>& dynamic,
                         size_t dynamic_bytes, const int* generation) {
   State& s = state();
-  size_t static_bytes = 0;
-  for (const Object& o : static_objects()) {
-    std::memset(reinterpret_cast<void*>(o.begin), 0xff, o.size);
-    static_bytes = o.shadow + o.size;
-  }
+  for (const Object& o : static_objects()) std::memset(reinterpret_cast<void*>(o.begin), 0xff, o.size);
   if (!enabled()) return;
   ++s.block_serial;  // older accesses in the shadow now belong to another block: ignored
   s.dynamic_begin = reinterpret_cast<uintptr_t>(dynamic.data());
   s.dynamic_end = s.dynamic_begin + dynamic_bytes;  // what the launch asked for; the rest is slack
   s.dynamic_slack_end = s.dynamic_begin + dynamic.size();
-  if (s.shadow.size() < static_bytes + dynamic.size()) s.shadow.resize(static_bytes + dynamic.size());
+  if (s.shadow.size() < s.static_bytes + dynamic.size()) s.shadow.resize(s.static_bytes + dynamic.size());
   s.generation = generation;
   s.block[0] = x, s.block[1] = y, s.block[2] = z;
 }
@@ -205,13 +200,8 @@ inline void race(const char* kind, const Access& first, const Access& now, uintp
 
 // The shadow byte of a shared-memory address, or null for any other memory.
 SHAREDLLM_UNCHECKED inline Byte* shadow_of(State& s, uintptr_t address) {
-  if ((address < s.dynamic_begin || address >= s.dynamic_end) && (address < s.static_low || address >= s.static_high))
-    return nullptr;  // global memory or a stack: the common case, answered first
-  if (address >= s.dynamic_begin && address < s.dynamic_end) {
-    const Object& last = s.objects.empty() ? Object{0, 0, 0} : s.objects.back();
-    return &s.shadow[last.shadow + last.size + (address - s.dynamic_begin)];
-  }
-  if (address < s.static_low || address >= s.static_high) return nullptr;
+  if (address >= s.dynamic_begin && address < s.dynamic_end) return &s.shadow[s.static_bytes + (address - s.dynamic_begin)];
+  if (address < s.static_low || address >= s.static_high) return nullptr;  // global memory or a stack
   auto it = std::upper_bound(s.objects.begin(), s.objects.end(), address,
                              [](uintptr_t a, const Object& o) { return a < o.begin; });
   if (it == s.objects.begin()) return nullptr;
@@ -231,7 +221,7 @@ SHAREDLLM_UNCHECKED inline void on_access(uintptr_t address, size_t size, bool w
   // an access never straddles two shared objects: one lookup, then its bytes' consecutive shadows
   Byte* first = shadow_of(s, address);
   uintptr_t end = address + size;
-  if ((first != nullptr && address >= s.dynamic_begin && address < s.dynamic_end && end > s.dynamic_end) ||
+  if ((address >= s.dynamic_begin && address < s.dynamic_end && end > s.dynamic_end) ||
       (address >= s.dynamic_end && address < s.dynamic_slack_end)) {
     char text[128];
     std::snprintf(text, sizeof text, "access of %zu bytes at 0x%lx by thread %d runs past the dynamic shared memory, at ",
