@@ -160,6 +160,40 @@ def test_activation_checkpointing_trains_as_without_it(data_dir, tmp_path):
     assert_same_tensors(injector(checkpointed["model"]), injector(plain["model"]), "checkpointed vs plain")
 
 
+def test_the_distillation_target_is_the_base_model_with_full_attention(data_dir, tmp_path):
+    """At ``copy_zero`` initialisation the student is the base model on the decoder alone: the KL to a teacher
+    that sees no context is zero (the positions line up), to one that sees the context it is not, and the
+    teacher's rows are those of a plain forward over the kept context and the decoder."""
+    cfg = config(data_dir, tmp_path / "run", batch_size=3)
+    stream = T.token_stream(ByteTokenizer(), T.text_files(cfg.data))
+    context, lengths, decoder, _ = T.draw_batch(stream, cfg, 0, 0, 0)
+    model = T.SharedLLMForCausalLM.from_base(base_model(), T.SharedLLMConfig(**cfg.sharedllm)).eval()
+    with torch.no_grad():
+        student = model(decoder, context_input_ids=context, context_lengths=lengths).logits
+        blind = T.teacher_log_probs(model.base_model, context, lengths, decoder, 0)
+        seeing = T.teacher_log_probs(model.base_model, context, lengths, decoder, 10)
+        assert T.distillation_loss(student, blind).item() == pytest.approx(0.0, abs=1e-6)
+        assert T.distillation_loss(student, seeing).item() > 1e-3
+        n = int(lengths[1])
+        plain = model.base_model(torch.cat([context[1, n - 10 : n], decoder[1]])[None]).logits[0, 10:-1]
+    assert seeing.shape == (3, decoder.shape[1] - 1, VOCAB)
+    torch.testing.assert_close(seeing[1], torch.log_softmax(plain, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_distillation_adds_the_kl_to_the_loss(data_dir, tmp_path):
+    plain = run(config(data_dir, tmp_path / "plain", steps=1))
+    blind = run(config(data_dir, tmp_path / "blind", steps=1, distill_weight=1.0, distill_context_tokens=0))
+    seeing = run(config(data_dir, tmp_path / "seeing", steps=3, distill_weight=1.0, distill_context_tokens=64))
+    # step 0 starts from the base model: a blind teacher agrees with it, one that sees the context does not
+    assert blind["losses"][0] == pytest.approx(plain["losses"][0], rel=1e-5)
+    assert seeing["losses"][0] > plain["losses"][0] + 1e-3
+    assert all(map(torch.isfinite, torch.tensor(seeing["losses"])))
+    with pytest.raises(ValueError, match="distill_weight"):
+        config(data_dir, tmp_path / "bad", distill_weight=-1.0)
+    with pytest.raises(ValueError, match="distill_context_tokens"):
+        config(data_dir, tmp_path / "bad", distill_context_tokens=-1)
+
+
 class Interrupted(Exception):
     pass
 

@@ -14,7 +14,8 @@ HELP = "train SharedLLM's cross blocks on text (continual pre-training)"
 # options that set the TrainConfig field of the same name (dashes for underscores); defaults there
 CONFIG_OPTIONS = (("steps", int), ("batch-size", int), ("grad-accum", int), ("lr", float), ("warmup", int),
                   ("weight-decay", float), ("context-tokens", int), ("min-context-tokens", int),
-                  ("decoder-tokens", int), ("top-layers", int), ("seed", int), ("save-every", int))
+                  ("decoder-tokens", int), ("top-layers", int), ("seed", int), ("save-every", int),
+                  ("distill-weight", float), ("distill-context-tokens", int))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,7 +2,9 @@
 
 Samples are windows of a token stream made from the training texts: ``context`` tokens (the
 compressed context) followed by ``decoder`` tokens; the loss is next-token prediction on the
-decoder tokens. Split noise is on while training. AdamW with linear warm-up and cosine decay,
+decoder tokens, plus (``distill_weight > 0``) the KL divergence from the base model's own predictions
+with full attention over the last ``distill_context_tokens`` of the context: a dense signal of what
+the context should change. Split noise is on while training. AdamW with linear warm-up and cosine decay,
 gradient accumulation, bf16 autocast on GPU, optional activation checkpointing, checkpoints with
 ``save_pretrained`` plus the trainer state (resume continues where it stopped), and a held-out
 perplexity table at the end. Deterministic given the seed: the samples of step ``s`` depend only
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -69,6 +72,10 @@ class TrainConfig:
     log_every: int = 1
     activation_checkpointing: bool = False
     dtype: str = "float32"  # weights; on GPU the forward also runs under bf16 autocast
+    # distillation: loss = CE + distill_weight * KL(teacher || student) per decoder token, the teacher being the
+    # base model with full attention over the last distill_context_tokens context tokens and the decoder tokens
+    distill_weight: float = 0.0
+    distill_context_tokens: int = 3584
     sharedllm: dict = field(default_factory=lambda: dict(
         num_injected_layers=4, chunk_size=1024, tree_depth=3, tokens_per_node=32, split_noise_std=0.2,
         injection="residual", positions="chunk", cross_init="copy_zero"))
@@ -83,6 +90,10 @@ class TrainConfig:
                              f"{self.min_context_tokens} and {self.context_tokens}")
         if self.trainable not in ("cross", "cross+top"):
             raise ValueError(f"TrainConfig.trainable must be 'cross' or 'cross+top', got {self.trainable!r}")
+        if not (isinstance(self.distill_weight, (int, float)) and self.distill_weight >= 0):
+            raise ValueError(f"TrainConfig.distill_weight must be a float >= 0, got {self.distill_weight!r}")
+        if not isinstance(self.distill_context_tokens, int) or self.distill_context_tokens < 0:
+            raise ValueError(f"TrainConfig.distill_context_tokens must be an int >= 0, got {self.distill_context_tokens!r}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
 
@@ -158,6 +169,28 @@ def draw_batch(stream: torch.Tensor, cfg: TrainConfig, step: int, micro: int, ra
     return context, lengths, decoder, seeds[rows]
 
 
+@torch.no_grad()
+def teacher_log_probs(base, context, lengths, decoder, context_tokens: int) -> torch.Tensor:
+    """float32 ``[b, Ld - 1, V]``: log-probabilities of the base model alone (no injection) for the decoder's next
+    tokens, with full attention over the last ``context_tokens`` tokens of each sample's context and the decoder.
+    ``base`` is the wrapped model's ``base_model``: outside ``injecting()`` it is the plain base model."""
+    rows = []
+    for i in range(decoder.shape[0]):
+        n = int(lengths[i])
+        keep = min(n, context_tokens)
+        ids = torch.cat([context[i, n - keep : n], decoder[i]]).unsqueeze(0)
+        logits = base(input_ids=ids, logits_to_keep=decoder.shape[1]).logits[:, :-1]
+        rows.append(F.log_softmax(logits.float(), dim=-1))
+    return torch.cat(rows)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """Mean over decoder tokens of KL(teacher || student); the student's ``[b, Ld, V]`` logits are aligned with
+    the teacher's ``[b, Ld - 1, V]`` (the last position predicts past the decoder and has no target)."""
+    student = F.log_softmax(student_logits[:, :-1].float(), dim=-1).flatten(0, 1)
+    return F.kl_div(student, teacher_log_probs.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 10% at ``steps``."""
     if step < cfg.warmup:
@@ -230,10 +263,16 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, resume: bool = True, p
             context, lengths, decoder, seeds = draw_batch(stream, cfg, step, micro, env.rank)
             context, lengths, decoder = context.to(env.device), lengths.to(env.device), decoder.to(env.device)
             with autocast:
+                target = None
+                if cfg.distill_weight > 0:
+                    target = teacher_log_probs(model.base_model, context, lengths, decoder, cfg.distill_context_tokens)
                 out = model(decoder, context_input_ids=context, context_lengths=lengths, labels=decoder,
                             split_noise_seeds=seeds)
-            (out.loss / cfg.grad_accum).backward()
-            step_loss += out.loss.detach().float() / cfg.grad_accum
+                loss = out.loss
+                if target is not None:
+                    loss = loss + cfg.distill_weight * distillation_loss(out.logits, target)
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.detach().float() / cfg.grad_accum
             tokens_done += decoder.numel() + int(lengths.sum())
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
