@@ -87,7 +87,7 @@ def test_chunk_pool_cuda_more_than_2_31_elements():
     torch.testing.assert_close(out[4:].float(), tail, atol=2e-2, rtol=2e-2)
 
 
-def test_chunk_pool_cuda_graph_capture_and_bad_inputs():
+def test_chunk_pool_cuda_graph_capture_and_bad_inputs(monkeypatch):
     if not so._ext.compiled_kernels["chunk_pool"]["cuda"]:
         pytest.skip("this build has no CUDA kernel for chunk_pool")
     cu = _cu([5, 0, 70])
@@ -102,6 +102,7 @@ def test_chunk_pool_cuda_graph_capture_and_bad_inputs():
     assert not torch.equal(captured, expected)
     with pytest.raises(ValueError, match="cu_seqlens.*device"):
         so.chunk_pool(x, cu.cpu(), 8, backend="cuda")
+    monkeypatch.setenv("SHAREDLLM_HOST_CHECKS", "1")  # values on the host: a ValueError, not a device assert
     with pytest.raises(ValueError, match=r"cu_seqlens\[-1\]"):
         so.chunk_pool(x, _cu([5, 0, 69]), 8, backend="cuda")
 
@@ -289,7 +290,7 @@ def test_attention_gpu_backward_with_misaligned_grad_out(backend):
         assert_close(a, b, grad_tol(torch.bfloat16, float(b.abs().max())), msg=f"d{name}")
 
 
-def test_attention_cuda_graph_capture_and_bad_inputs():
+def test_attention_cuda_graph_capture_and_bad_inputs(monkeypatch):
     if not so._ext.compiled_kernels["cross_inject_attention"]["cuda"]:
         pytest.skip("this build has no CUDA kernel for cross_inject_attention")
     q, k, v, cq, ck, extra = _attention_inputs([70, 0, 5], [130, 3, 0], 8, 2, 128, torch.bfloat16)
@@ -303,10 +304,61 @@ def test_attention_cuda_graph_capture_and_bad_inputs():
     torch.testing.assert_close(lse, ref_lse, **LSE_TOL_16BIT)
     with pytest.raises(ValueError, match="cu_seqlens_q.*device"):
         so.cross_inject_attention(q, k, v, cq.cpu(), ck, backend="cuda", **extra)
+    monkeypatch.setenv("SHAREDLLM_HOST_CHECKS", "1")  # values on the host: a ValueError, not a device assert
     with pytest.raises(ValueError, match=r"cu_seqlens_k\[-1\]"):
         so.cross_inject_attention(q, k, v, cq, _cu([130, 2, 0]), backend="cuda", **extra)
     with pytest.raises(ValueError, match="k_positions"):
         so.cross_inject_attention(q, k, v, cq, ck, backend="cuda", **{**extra, "k_positions": extra["k_positions"] + 5000})
+
+
+def test_the_cuda_path_never_synchronises_and_checks_indices_on_the_device(monkeypatch):
+    """No host synchronisation in the forward and backward of either op by default (PyTorch's sync debug mode
+    raises on any, e.g. a copy of the index tensors to the host), and there is one with SHAREDLLM_HOST_CHECKS=1."""
+    if not so._ext.compiled_kernels["cross_inject_attention"]["cuda"]:
+        pytest.skip("this build has no CUDA kernels")
+    q, k, v, cq, ck, extra = _attention_inputs([70, 0, 5], [130, 3, 0], 8, 2, 128, torch.bfloat16)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    x = torch.randn(75, 4, 64, device=DEV, requires_grad=True)
+
+    def both_ops():
+        out = so.cross_inject_attention(*leaves, cq, ck, backend="cuda", **extra)
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+        pooled = so.chunk_pool(x, cq, 8, backend="cuda")
+        torch.autograd.grad(pooled, x, torch.ones_like(pooled))
+
+    both_ops()  # first call: loads, allocates
+    monkeypatch.delenv("SHAREDLLM_HOST_CHECKS", raising=False)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        both_ops()
+        monkeypatch.setenv("SHAREDLLM_HOST_CHECKS", "1")
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            both_ops()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_bad_index_is_a_device_side_assert_naming_the_argument():
+    """By default the values are checked on the device; a device-side assert leaves the CUDA context unusable,
+    so this runs in a child process."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, sharedllm_ops as so\n"
+        "q = torch.randn(8, 2, 64, device='cuda', dtype=torch.bfloat16)\n"
+        "k = torch.randn(6, 2, 64, device='cuda', dtype=torch.bfloat16)\n"
+        "cq = torch.tensor([0, 8], dtype=torch.int32, device='cuda')\n"
+        "ck = torch.tensor([0, 5], dtype=torch.int32, device='cuda')  # k has 6 rows\n"
+        "so.cross_inject_attention(q, k, k, cq, ck, backend='cuda')\n"
+        "torch.cuda.synchronize()\n"
+    )
+    env = {name: value for name, value in os.environ.items() if name != "SHAREDLLM_HOST_CHECKS"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0, run.stdout + run.stderr
+    assert "device-side assert" in run.stderr, run.stderr
+    assert "cu_seqlens_k must start at 0, never decrease and end at k.shape[0]" in run.stdout + run.stderr
 
 
 @TRITON_ATTENTION

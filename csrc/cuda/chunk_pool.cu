@@ -95,6 +95,22 @@ dim3 grid_for(int64_t rows, int64_t heads, int64_t head_dim, int vec) {
   return dim3(static_cast<unsigned>(rows), static_cast<unsigned>((lanes + kThreads - 1) / kThreads));
 }
 
+// The value check of the default CUDA path (check_indices): cu_seqlens as the kernels will read it.
+__global__ void check_pool_cu_seqlens(const int32_t* cu, int64_t num_segments, int64_t num_rows) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i <= num_segments; i += stride)
+    if (!cu_seqlens_entry_ok(cu, i, num_segments, num_rows))
+      SHAREDLLM_DEVICE_FAIL("chunk_pool: cu_seqlens must start at 0, never decrease and end at the number of rows "
+                            "(x.shape[0], or num_rows in the backward)");
+}
+
+void launch_index_checks(bool check, const int32_t* cu, int64_t num_segments, int64_t num_rows, cudaStream_t stream) {
+  if (!check) return;
+  launch_kernel(check_pool_cu_seqlens, check_blocks(num_segments + 1), kCheckThreads, 0, stream, cu, num_segments,
+                num_rows);
+  check_launch("chunk_pool (index checks)");
+}
+
 }  // namespace
 
 template <typename T>
@@ -103,6 +119,7 @@ void chunk_pool_forward(const ChunkPoolParams& p, int64_t num_rows, void* stream
   const int64_t rows = p.num_segments * p.tokens_per_node;
   const int64_t total = num_rows;  // the kernel clamps segment bounds to the input's rows
   auto s = static_cast<cudaStream_t>(stream);
+  launch_index_checks(p.check_indices, p.cu_seqlens, p.num_segments, num_rows, s);
   if (can_vectorize<T>({p.x, p.out}, {p.x_row_stride, p.x_head_stride, p.out_row_stride, p.out_head_stride},
                        p.head_dim)) {
     launch_kernel(chunk_pool_forward_kernel<T, kVec>, grid_for(rows, p.num_heads, p.head_dim, kVec), kThreads, 0, s, p, total);
@@ -116,6 +133,7 @@ template <typename T>
 void chunk_pool_backward(const ChunkPoolBackwardParams& p, int64_t num_rows, void* stream) {
   constexpr int kVec = 16 / sizeof(T);
   auto s = static_cast<cudaStream_t>(stream);
+  launch_index_checks(p.check_indices, p.cu_seqlens, p.num_segments, num_rows, s);
   if (can_vectorize<T>({p.grad_out, p.grad_x}, {p.go_row_stride, p.go_head_stride, p.gx_row_stride, p.gx_head_stride},
                        p.head_dim)) {
     launch_kernel(chunk_pool_backward_kernel<T, kVec>, grid_for(num_rows, p.num_heads, p.head_dim, kVec), kThreads, 0, s,

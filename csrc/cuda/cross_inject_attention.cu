@@ -20,6 +20,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <type_traits>
@@ -61,10 +62,11 @@ __device__ bool find_tile(const int32_t* cu, int64_t batch, int64_t total, int64
   return false;
 }
 
-// cos/sin rows of a position (clamped into the table), or null without rotary.
+// cos/sin rows of a position (clamped into the table), or null without rotary (no table, or no positions:
+// rows that are already rotated).
 __device__ __forceinline__ const float* rotary_row(const float* table, const int32_t* positions, int64_t row,
                                                    const RotaryParams& r, int64_t dim) {
-  if (table == nullptr) return nullptr;
+  if (table == nullptr || positions == nullptr) return nullptr;
   const int64_t pos = min(max(static_cast<int64_t>(positions[row]), int64_t{0}), r.max_pos - 1);
   return table + pos * dim;
 }
@@ -111,6 +113,73 @@ __device__ __forceinline__ void store_unrotated(T* out, const float* g, int64_t 
       value = d < half ? g[d] * cos[d] + g[d + half] * sin[d + half] : g[d] * cos[d] - g[d - half] * sin[d - half];
     out[d] = store_float<T>(value * scale);
   }
+}
+
+// The value checks of the default CUDA path (AttentionParams::check_indices): every boundary and position
+// the kernels will read, before they run. The kernels clamp what they read anyway, so an unchecked call
+// (a graph replay with changed indices, say) cannot read out of bounds, only give a wrong answer.
+__global__ void check_attention_indices(AttentionParams p, int64_t nq, int64_t nk) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = first; i <= p.batch; i += stride) {
+    if (!cu_seqlens_entry_ok(p.cu_seqlens_q, i, p.batch, nq))
+      SHAREDLLM_DEVICE_FAIL("cross_inject_attention: cu_seqlens_q must start at 0, never decrease and end at q.shape[0]");
+    if (!cu_seqlens_entry_ok(p.cu_seqlens_k, i, p.batch, nk))
+      SHAREDLLM_DEVICE_FAIL("cross_inject_attention: cu_seqlens_k must start at 0, never decrease and end at k.shape[0]");
+  }
+  if (p.rotary.cos == nullptr) return;  // no rotary, no positions
+  for (int64_t i = first; i < nq; i += stride) {
+    const int32_t pos = p.rotary.q_positions[i];
+    if (pos < 0 || pos >= p.rotary.max_pos)
+      SHAREDLLM_DEVICE_FAIL("cross_inject_attention: q_positions must lie in [0, rotary_cos.shape[0])");
+  }
+  for (int64_t i = first; i < nk; i += stride) {
+    const int32_t pos = p.rotary.k_positions[i];
+    if (pos < 0 || pos >= p.rotary.max_pos)
+      SHAREDLLM_DEVICE_FAIL("cross_inject_attention: k_positions must lie in [0, rotary_cos.shape[0])");
+  }
+}
+
+void launch_index_checks(const AttentionParams& p, int64_t nq, int64_t nk, cudaStream_t stream) {
+  if (!p.check_indices) return;
+  launch_kernel(check_attention_indices, check_blocks(std::max({p.batch + 1, nq, nk})), kCheckThreads, 0, stream, p, nq, nk);
+  check_launch("cross_inject_attention (index checks)");
+}
+
+// k with the rotary applied, into p.k_rotated ([Nk, Hk, D] contiguous): the float32 arithmetic and the
+// rounding to T of load_tile's fused rotation, once per call instead of once per (query tile, head).
+template <typename T>
+__global__ void rotate_k(AttentionParams p, int64_t nk) {
+  const int64_t half = p.head_dim / 2, items = nk * p.num_kv_heads * half;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < items; i += stride) {
+    const int64_t col = i % half, row_head = i / half, head = row_head % p.num_kv_heads, row = row_head / p.num_kv_heads;
+    const T* x = static_cast<const T*>(p.k) + row * p.k_row_stride + head * p.k_head_stride;
+    const float* cs = rotary_row(p.rotary.cos, p.rotary.k_positions, row, p.rotary, p.head_dim);
+    const float* sn = rotary_row(p.rotary.sin, p.rotary.k_positions, row, p.rotary, p.head_dim);
+    const float a = load_float(x[col]), b = load_float(x[col + half]);
+    T* out = static_cast<T*>(p.k_rotated) + row_head * p.head_dim;
+    out[col] = store_float<T>(a * cs[col] - b * sn[col]);
+    out[col + half] = store_float<T>(b * cs[col + half] + a * sn[col + half]);
+  }
+}
+
+// The parameters for tensor-core kernels that only need k rotated (the forward, the backward's dQ): k rotated
+// once into p.k_rotated, which they then read as k without positions (load_tile stages it as it is).
+// Without scratch or rotary: p itself. (The general path keeps rotating k in float32, row by row.)
+template <typename T, typename Params>
+Params with_k_rotated_once(const Params& p, int64_t nk, cudaStream_t stream) {
+  if (p.k_rotated == nullptr || p.rotary.cos == nullptr || nk == 0) return p;
+  const int64_t items = nk * p.num_kv_heads * (p.head_dim / 2);
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((items + 255) / 256, 8192));
+  launch_kernel(rotate_k<T>, blocks, 256, 0, stream, static_cast<const AttentionParams&>(p), nk);
+  check_launch("cross_inject_attention (k rotation)");
+  Params rotated = p;
+  rotated.k = p.k_rotated;
+  rotated.k_row_stride = p.num_kv_heads * p.head_dim;
+  rotated.k_head_stride = p.head_dim;
+  rotated.rotary.k_positions = nullptr;
+  return rotated;
 }
 
 template <typename T>
@@ -758,8 +827,8 @@ void launch_forward_mma(const AttentionForwardParams& p, int64_t nq, int64_t nk,
 }
 
 template <typename T, int D>
-void launch_backward_mma(const AttentionBackwardParams& p, int64_t nq, int64_t nk, const float* delta,
-                         cudaStream_t stream) {
+void launch_backward_mma(const AttentionBackwardParams& p, const AttentionBackwardParams& p_dq, int64_t nq,
+                         int64_t nk, const float* delta, cudaStream_t stream) {
   if (nk > 0) {
     constexpr size_t shared = dkdv_shared_bytes<D>();
     auto kernel = attention_backward_dkdv_mma<T, D>;
@@ -770,7 +839,7 @@ void launch_backward_mma(const AttentionBackwardParams& p, int64_t nq, int64_t n
   }
   if (nq > 0) {
     const dim3 grid(tile_blocks(nq, p.batch, 16 * kMmaWarps), static_cast<unsigned>(p.num_q_heads));
-    launch_kernel(attention_backward_dq_mma<T, D>, grid, kMmaThreads, 0, stream, p, nq, nk, delta);
+    launch_kernel(attention_backward_dq_mma<T, D>, grid, kMmaThreads, 0, stream, p_dq, nq, nk, delta);
     check_launch("cross_inject_attention_backward (dq)");
   }
 }
@@ -781,10 +850,12 @@ template <typename T>
 void cross_inject_attention_forward(const AttentionForwardParams& p, int64_t nq, int64_t nk, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   if (nq == 0 || p.num_q_heads == 0) return;
+  launch_index_checks(p, nq, nk, s);
   if constexpr (!std::is_same_v<T, float>) {  // no tensor-core kernels are instantiated for float32
     if (use_tensor_cores<T>(p)) {
-      if (p.head_dim == 64) launch_forward_mma<T, 64>(p, nq, nk, s);
-      else launch_forward_mma<T, 128>(p, nq, nk, s);
+      const AttentionForwardParams pk = with_k_rotated_once<T>(p, nk, s);
+      if (p.head_dim == 64) launch_forward_mma<T, 64>(pk, nq, nk, s);
+      else launch_forward_mma<T, 128>(pk, nq, nk, s);
       check_launch("cross_inject_attention_forward");
       return;
     }
@@ -799,6 +870,7 @@ void cross_inject_attention_backward(const AttentionBackwardParams& p, int64_t n
                                      void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const int64_t q_items = nq * p.num_q_heads, k_items = nk * p.num_kv_heads;
+  launch_index_checks(p, nq, nk, s);
   if (q_items > 0) {
     constexpr int kWarps = 8;
     launch_kernel(attention_backward_delta<T>, static_cast<unsigned>((q_items + kWarps - 1) / kWarps), 32 * kWarps, 0,
@@ -808,8 +880,10 @@ void cross_inject_attention_backward(const AttentionBackwardParams& p, int64_t n
   if constexpr (!std::is_same_v<T, float>) {
     // dO is read as 16-byte vectors too (a contiguous view may still start off a 16-byte boundary)
     if (use_tensor_cores<T>(p) && can_vectorize<T>({p.grad_out}, {}, p.head_dim)) {
-      if (p.head_dim == 64) launch_backward_mma<T, 64>(p, nq, nk, delta, s);
-      else launch_backward_mma<T, 128>(p, nq, nk, delta, s);
+      // dQ needs k rotated only; dK/dV stage each k tile once anyway, and un-rotate dK with k's positions
+      const AttentionBackwardParams p_dq = q_items > 0 ? with_k_rotated_once<T>(p, nk, s) : p;
+      if (p.head_dim == 64) launch_backward_mma<T, 64>(p, p_dq, nq, nk, delta, s);
+      else launch_backward_mma<T, 128>(p, p_dq, nq, nk, delta, s);
       return;
     }
   }

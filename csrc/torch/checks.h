@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 
 #include "torch_api.h"
@@ -45,9 +46,21 @@ inline void check_index_tensor(const Tensor& t, const char* name) {
   SHAREDLLM_CHECK(t.scalar_type() == ScalarType::Int, name, " must be int32, got ", t.scalar_type());
 }
 
-// cu_seqlens: int32 [S + 1], cu[0] == 0, non-decreasing, cu[S] == total. Reading the values costs a
-// copy to the host on CUDA and is impossible while a CUDA graph is captured: `read_values = false`
-// checks the shape only (the CUDA kernels clamp every bound they read).
+// Where the index values (cu_seqlens, positions) are checked. On the host: ValueErrors naming the
+// argument and the value, at the price of a device-to-host copy and a synchronisation per tensor for CUDA
+// data. On the device: a small check kernel before the op's kernels; a bad value stops it with a
+// device-side assert naming the argument (sharedllm/cuda_common.cuh).
+enum class ValueChecks { kHost, kDevice };
+
+// The CUDA bindings' choice outside CUDA graph capture (cuda_stream.h adds that case): on the device,
+// unless SHAREDLLM_HOST_CHECKS=1 asks for the host checks (debugging: exact errors you can catch).
+inline ValueChecks cuda_value_checks_outside_graphs() {
+  const char* flag = std::getenv("SHAREDLLM_HOST_CHECKS");
+  return flag != nullptr && std::string(flag) == "1" ? ValueChecks::kHost : ValueChecks::kDevice;
+}
+
+// cu_seqlens: int32 [S + 1], cu[0] == 0, non-decreasing, cu[S] == total. `read_values = false` checks the
+// shape only (the values are then checked on the device, see ValueChecks).
 inline void check_cu_seqlens(const Tensor& cu, int64_t total, const char* name, const char* total_name,
                              bool read_values = true) {
   check_index_tensor(cu, name);

@@ -10,7 +10,7 @@ std::tuple<Tensor, Tensor> cross_inject_attention_cpu(
     const std::optional<Tensor>& k_positions, const std::optional<Tensor>& rotary_cos,
     const std::optional<Tensor>& rotary_sin) {
   return run_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, q_positions, k_positions,
-                               rotary_cos, rotary_sin, /*read_values=*/true, [](auto tag, const AttentionForwardParams& p) {
+                               rotary_cos, rotary_sin, ValueChecks::kHost, [](auto tag, const AttentionForwardParams& p) {
                                  cpu::cross_inject_attention_forward<typename decltype(tag)::type>(p);
                                });
 }
@@ -22,7 +22,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_inject_attention_backward_cpu(
     const std::optional<Tensor>& k_positions, const std::optional<Tensor>& rotary_cos,
     const std::optional<Tensor>& rotary_sin) {
   return run_attention_backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale,
-                                q_positions, k_positions, rotary_cos, rotary_sin, /*read_values=*/true,
+                                q_positions, k_positions, rotary_cos, rotary_sin, ValueChecks::kHost,
                                 [](auto tag, const AttentionBackwardParams& p) {
                                   cpu::cross_inject_attention_backward<typename decltype(tag)::type>(p);
                                 });

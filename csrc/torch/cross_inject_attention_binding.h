@@ -1,7 +1,7 @@
 // The binding of cross_inject_attention shared by its CPU and CUDA implementations: argument checks
 // (every failure names the argument), output allocation and kernel parameters.
-// Each backend passes its launcher; `read_values = false` skips the checks that read index values
-// on the host (the CUDA binding while a graph is captured).
+// Each backend passes its launcher and where the index values are checked (ValueChecks: the CPU binding
+// on the host, the CUDA binding on the device by default).
 #pragma once
 
 #include <optional>
@@ -107,6 +107,16 @@ inline void fill_params(AttentionParams& p, const AttentionInputs& in, const Ten
 }
 
 
+// CUDA: scratch of k's shape and dtype for k rotated once per call (AttentionParams::k_rotated), set in
+// `p` when there is a rotary; keep the returned tensor until the kernels are enqueued (the caching
+// allocator orders its reuse on the stream).
+inline std::optional<Tensor> attach_k_rotated(AttentionParams& p, const Tensor& k) {
+  if (p.rotary.cos == nullptr || k.numel() == 0) return std::nullopt;
+  Tensor scratch = new_tensor_like(k, {k.size(0), k.size(1), k.size(2)});
+  p.k_rotated = scratch.data_ptr();
+  return scratch;
+}
+
 // The backward's extra arguments: grad_out/out [Nq, Hq, Dv] of q's dtype, lse float32 [Nq, Hq] and
 // grad_lse of lse's shape. Returns grad_lse as contiguous float32 (undefined when absent).
 inline Tensor check_attention_backward_inputs(const AttentionInputs& in, const Tensor& grad_out,
@@ -138,15 +148,16 @@ std::tuple<Tensor, Tensor> run_attention_forward(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
     const Tensor& cu_seqlens_k, double softmax_scale, const std::optional<Tensor>& q_positions,
     const std::optional<Tensor>& k_positions, const std::optional<Tensor>& rotary_cos,
-    const std::optional<Tensor>& rotary_sin, bool read_values, Launch&& launch) {
+    const std::optional<Tensor>& rotary_sin, ValueChecks checks, Launch&& launch) {
   const AttentionInputs in = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions,
-                                                    rotary_cos, rotary_sin, read_values);
+                                                    rotary_cos, rotary_sin, checks == ValueChecks::kHost);
   Tensor out = new_tensor_like(q, {in.nq, in.hq, in.dv});
   Tensor lse = new_tensor({in.nq, in.hq}, ScalarType::Float, q);
   if (in.nq == 0 || in.hq == 0) return {out, lse};
   dispatch_floating(q.scalar_type(), "cross_inject_attention", [&](auto tag) {
     AttentionForwardParams p;
     fill_params(p, in, q, k, v, softmax_scale);
+    p.check_indices = checks == ValueChecks::kDevice;
     p.out = out.data_ptr();
     p.lse = ptr<float>(lse);
     launch(tag, p);
@@ -161,9 +172,9 @@ std::tuple<Tensor, Tensor, Tensor> run_attention_backward(
     const Tensor& v, const Tensor& out, const Tensor& lse, const Tensor& cu_seqlens_q,
     const Tensor& cu_seqlens_k, double softmax_scale, const std::optional<Tensor>& q_positions,
     const std::optional<Tensor>& k_positions, const std::optional<Tensor>& rotary_cos,
-    const std::optional<Tensor>& rotary_sin, bool read_values, Launch&& launch) {
+    const std::optional<Tensor>& rotary_sin, ValueChecks checks, Launch&& launch) {
   const AttentionInputs in = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions,
-                                                    rotary_cos, rotary_sin, read_values);
+                                                    rotary_cos, rotary_sin, checks == ValueChecks::kHost);
   const Tensor grad_lse_f = check_attention_backward_inputs(in, grad_out, grad_lse, q, out, lse);
   Tensor dq = new_tensor_like(q, {in.nq, in.hq, in.d});
   Tensor dk = new_tensor_like(q, {in.nk, in.hk, in.d});
@@ -173,6 +184,7 @@ std::tuple<Tensor, Tensor, Tensor> run_attention_backward(
   dispatch_floating(q.scalar_type(), "cross_inject_attention_backward", [&](auto tag) {
     AttentionBackwardParams p;
     fill_params(p, in, q, k, v, softmax_scale);
+    p.check_indices = checks == ValueChecks::kDevice;
     p.grad_out = go.data_ptr();
     p.out = o.data_ptr();
     p.lse = ptr<float>(l);

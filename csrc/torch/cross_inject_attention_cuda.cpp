@@ -1,6 +1,6 @@
 // torch.ops.sharedllm.cross_inject_attention / cross_inject_attention_backward on CUDA: checks and
-// allocation shared with the CPU binding, the device guard and current stream, no host reads while a
-// CUDA graph is captured.
+// allocation shared with the CPU binding, the device guard and current stream, index values checked on
+// the device by default (no host synchronisation).
 #include "cross_inject_attention_binding.h"
 #include "cuda_stream.h"
 #include "ops.h"
@@ -26,9 +26,11 @@ std::tuple<Tensor, Tensor> cross_inject_attention_cuda(
   const DeviceGuard guard = device_guard(q);
   const int64_t nq = q.size(0), nk = k.size(0);
   return run_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, q_positions, k_positions,
-                               rotary_cos, rotary_sin, !capturing_graph(q),
-                               [&](auto tag, const AttentionForwardParams& p) {
-                                 check_cuda_head_dims(p);
+                               rotary_cos, rotary_sin, cuda_value_checks(q),
+                               [&](auto tag, const AttentionForwardParams& checked) {
+                                 check_cuda_head_dims(checked);
+                                 AttentionForwardParams p = checked;
+                                 const auto k_rotated = attach_k_rotated(p, k);
                                  cuda::cross_inject_attention_forward<typename decltype(tag)::type>(
                                      p, nq, nk, current_stream(q));
                                });
@@ -45,8 +47,10 @@ std::tuple<Tensor, Tensor, Tensor> cross_inject_attention_backward_cuda(
   Tensor delta;  // float32 [Nq, Hq] scratch
   return run_attention_backward(
       grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, q_positions, k_positions,
-      rotary_cos, rotary_sin, !capturing_graph(q), [&](auto tag, const AttentionBackwardParams& p) {
-        check_cuda_head_dims(p);
+      rotary_cos, rotary_sin, cuda_value_checks(q), [&](auto tag, const AttentionBackwardParams& checked) {
+        check_cuda_head_dims(checked);
+        AttentionBackwardParams p = checked;
+        const auto k_rotated = attach_k_rotated(p, k);
         delta = new_tensor({nq, q.size(1)}, ScalarType::Float, q);
         cuda::cross_inject_attention_backward<typename decltype(tag)::type>(p, nq, nk, ptr<float>(delta),
                                                                              current_stream(q));

@@ -1,13 +1,12 @@
 // What the CUDA bindings (<op>_cuda.cpp) share, through the stable ABI: a device guard for the
-// data's device, the current stream, and whether that stream is being captured into a CUDA graph
-// (then nothing may read device memory on the host, so value checks such as cu_seqlens ordering
-// are skipped; the kernels clamp their indices).
+// data's device, the current stream, and where the index values are checked.
 #pragma once
 
 #include <cuda_runtime_api.h>
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 
+#include "checks.h"
 #include "torch_api.h"
 
 namespace sharedllm::binding {
@@ -27,6 +26,12 @@ inline bool capturing_graph(const Tensor& t) {
   const cudaError_t err = cudaStreamIsCapturing(static_cast<cudaStream_t>(current_stream(t)), &status);
   if (err != cudaSuccess) throw std::runtime_error(std::string("cudaStreamIsCapturing: ") + cudaGetErrorString(err));
   return status != cudaStreamCaptureStatusNone;
+}
+
+// Where a CUDA binding checks index values: always on the device while a CUDA graph is captured (nothing
+// may read device memory on the host then), otherwise as cuda_value_checks_outside_graphs says.
+inline ValueChecks cuda_value_checks(const Tensor& t) {
+  return capturing_graph(t) ? ValueChecks::kDevice : cuda_value_checks_outside_graphs();
 }
 
 }  // namespace sharedllm::binding

@@ -8,6 +8,7 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -92,8 +93,16 @@ inline Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : to
 inline Tensor to_dtype(const Tensor& t, ScalarType dtype) {
   return t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);
 }
-// A contiguous host copy (the tensor itself when it already is one).
+// How many times a binding has read tensor values on the host: for device data, each is a copy to the host
+// and a synchronisation. The CUDA emulator's tests count them (its "device" tensors live on the host).
+inline std::atomic<int64_t>& host_value_reads() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+
+// A contiguous host copy (the tensor itself when it already is one) whose values the caller reads.
 inline Tensor host_contiguous(const Tensor& t) {
+  ++host_value_reads();
   return as_contiguous(t.is_cpu() ? t : torch::stable::to(t, Device(torch::headeronly::DeviceType::CPU)));
 }
 

@@ -1,6 +1,7 @@
 // csrc/cuda/cross_inject_attention.cu compiled as host C++ against the CPU emulator in include/,
 // behind torch.ops.sharedllm_emulated.cross_inject_attention(_backward) on CPU tensors, with the
-// checks and allocation of the real binding. Built by tests/test_cuda_emulated.py.
+// checks, allocation and scratch of the real binding and its choice of where index values are checked.
+// Built by tests/test_cuda_emulated.py.
 #include "cross_inject_attention_binding.h"
 
 // after every torch header: the emulator's macros (__shared__, __device__, ...) are for the kernels
@@ -20,8 +21,11 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
                                            const std::optional<Tensor>& cos,
                                            const std::optional<Tensor>& sin) {
   const int64_t nq = q.size(0), nk = k.size(0);
-  return binding::run_attention_forward(q, k, v, cu_q, cu_k, scale, q_pos, k_pos, cos, sin, true,
-                                        [&](auto tag, const AttentionForwardParams& p) {
+  return binding::run_attention_forward(q, k, v, cu_q, cu_k, scale, q_pos, k_pos, cos, sin,
+                                        binding::cuda_value_checks_outside_graphs(),
+                                        [&](auto tag, const AttentionForwardParams& checked) {
+                                          AttentionForwardParams p = checked;
+                                          const auto k_rotated = binding::attach_k_rotated(p, k);
                                           cuda::cross_inject_attention_forward<typename decltype(tag)::type>(
                                               p, nq, nk, nullptr);
                                         });
@@ -35,11 +39,17 @@ std::tuple<Tensor, Tensor, Tensor> backward(
   const int64_t nq = q.size(0), nk = k.size(0);
   Tensor delta = torch::stable::full({nq, q.size(1)}, NAN, binding::ScalarType::Float, std::nullopt, q.device());
   return binding::run_attention_backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, scale, q_pos, k_pos, cos,
-                                         sin, true, [&](auto tag, const AttentionBackwardParams& p) {
+                                         sin, binding::cuda_value_checks_outside_graphs(),
+                                         [&](auto tag, const AttentionBackwardParams& checked) {
+                                           AttentionBackwardParams p = checked;
+                                           const auto k_rotated = binding::attach_k_rotated(p, k);
                                            cuda::cross_inject_attention_backward<typename decltype(tag)::type>(
                                                p, nq, nk, binding::ptr<float>(delta), nullptr);
                                          });
 }
+
+// Value reads on the host by the bindings of this build, so far (each a device-to-host copy on a GPU).
+int64_t host_value_reads(const Tensor&) { return binding::host_value_reads().load(); }
 
 }  // namespace
 
@@ -51,9 +61,11 @@ STABLE_TORCH_LIBRARY_FRAGMENT(SHAREDLLM_EMULATED_OPS, m) {
       "Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, float softmax_scale, "
       "Tensor? q_positions, Tensor? k_positions, Tensor? rotary_cos, Tensor? rotary_sin) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def("host_value_reads(Tensor any) -> int");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(SHAREDLLM_EMULATED_OPS, CPU, m) {
   m.impl("cross_inject_attention", TORCH_BOX(&forward));
   m.impl("cross_inject_attention_backward", TORCH_BOX(&backward));
+  m.impl("host_value_reads", TORCH_BOX(&host_value_reads));
 }

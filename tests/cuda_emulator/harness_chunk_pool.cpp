@@ -1,6 +1,6 @@
 // csrc/cuda/chunk_pool.cu compiled as host C++ against the CPU emulator in include/, behind
 // torch.ops.sharedllm_emulated.chunk_pool(_backward) on CPU tensors, with the checks and allocation
-// of the real binding. Built by tests/test_cuda_emulated.py.
+// of the real binding and its choice of where cu_seqlens is checked. Built by tests/test_cuda_emulated.py.
 #include "chunk_pool_binding.h"
 
 #include <cuda_runtime.h>
@@ -13,15 +13,16 @@ using namespace sharedllm;
 using binding::Tensor;
 
 Tensor pool(const Tensor& x, const Tensor& cu, int64_t tokens_per_node, const std::string& mode) {
-  return binding::run_chunk_pool(x, cu, tokens_per_node, mode, true, [&](auto tag, const ChunkPoolParams& p) {
+  return binding::run_chunk_pool(x, cu, tokens_per_node, mode, binding::cuda_value_checks_outside_graphs(),
+                                 [&](auto tag, const ChunkPoolParams& p) {
     cuda::chunk_pool_forward<typename decltype(tag)::type>(p, x.size(0), nullptr);
   });
 }
 
 Tensor pool_backward(const Tensor& grad_out, const Tensor& cu, int64_t num_rows, int64_t tokens_per_node,
                          const std::string& mode) {
-  return binding::run_chunk_pool_backward(grad_out, cu, num_rows, tokens_per_node, mode, true,
-                                          [&](auto tag, const ChunkPoolBackwardParams& p) {
+  return binding::run_chunk_pool_backward(grad_out, cu, num_rows, tokens_per_node, mode,
+                                          binding::cuda_value_checks_outside_graphs(), [&](auto tag, const ChunkPoolBackwardParams& p) {
                                             cuda::chunk_pool_backward<typename decltype(tag)::type>(p, num_rows,
                                                                                                    nullptr);
                                           });

@@ -12,13 +12,14 @@ enum class PoolMode : int { kMean = 0, kFirst = 1 };
 struct ChunkPoolParams {
   const void* x;                // [N, H, D], last dim contiguous
   void* out;                    // [S * P, H, D]
-  const int32_t* cu_seqlens;    // [S + 1], validated by the caller
+  const int32_t* cu_seqlens;    // [S + 1], validated by the caller or, on CUDA, by check_indices
   int64_t num_segments;         // S
   int64_t tokens_per_node;      // P
   int64_t num_heads, head_dim;  // H, D
   int64_t x_row_stride, x_head_stride;      // in elements
   int64_t out_row_stride, out_head_stride;  // in elements
   PoolMode mode;
+  bool check_indices = false;  // CUDA: check cu_seqlens on the device first (see cuda_common.cuh)
 };
 
 struct ChunkPoolBackwardParams {
@@ -29,6 +30,7 @@ struct ChunkPoolBackwardParams {
   int64_t go_row_stride, go_head_stride;
   int64_t gx_row_stride, gx_head_stride;
   PoolMode mode;
+  bool check_indices = false;
 };
 
 // The output slots whose window contains segment row r: j in [first, last] (empty if first > last).

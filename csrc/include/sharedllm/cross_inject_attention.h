@@ -30,6 +30,11 @@ struct AttentionParams {
   int64_t v_row_stride, v_head_stride;
   float softmax_scale;
   RotaryParams rotary;
+  // CUDA: check cu_seqlens and positions on the device first (the bindings' default; see cuda_common.cuh)
+  bool check_indices = false;
+  // CUDA with rotary: scratch [Nk, Hk, D], contiguous, of k's dtype, for k rotated once per call (null:
+  // the kernels rotate each k tile as they stage it, again for every query tile and head)
+  void* k_rotated = nullptr;
 };
 
 struct AttentionForwardParams : AttentionParams {

@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cassert>  // __assert_fail, behind SHAREDLLM_DEVICE_FAIL
 #include <cstdint>
 #include <initializer_list>
 #include <stdexcept>
@@ -101,6 +102,30 @@ __device__ __forceinline__ int64_t segment_of_row(const int32_t* cu, int64_t num
 #else
 #define SHAREDLLM_BARRIER(n) __syncthreads()
 #endif
+
+// Device-side value checks: the CUDA bindings' default (checking index values on the host would copy
+// them there and synchronise on every call). A failed check is a device-side assert, as in PyTorch's own
+// kernels: the message is printed, the kernel stops, the error (cudaErrorAssert) surfaces at the next
+// synchronisation and the CUDA context is unusable afterwards. Unlike `assert`, NDEBUG never removes it.
+// (The CPU emulator of tests/cuda_emulator defines its own, which fails the launch with the message.)
+#ifndef SHAREDLLM_DEVICE_FAIL
+#define SHAREDLLM_DEVICE_FAIL(message) __assert_fail(message, __FILE__, __LINE__, __func__)
+#endif
+
+// Entry i of a boundary tensor cu [S + 1] is right: cu[0] == 0, cu[i] >= cu[i - 1], cu[S] == total.
+__device__ __forceinline__ bool cu_seqlens_entry_ok(const int32_t* cu, int64_t i, int64_t num_segments,
+                                                    int64_t total) {
+  if (i == 0 && cu[0] != 0) return false;
+  if (i > 0 && cu[i] < cu[i - 1]) return false;
+  return i != num_segments || cu[i] == total;
+}
+
+// Launch shape of a value check over `items` indices, walked by a grid-stride loop.
+constexpr unsigned kCheckThreads = 256;
+inline unsigned check_blocks(int64_t items) {
+  const int64_t blocks = (items + kCheckThreads - 1) / kCheckThreads;
+  return static_cast<unsigned>(blocks < 1 ? 1 : blocks > 64 ? 64 : blocks);
+}
 
 // The block's dynamic shared memory as `type* name`. (The CPU emulator of tests/cuda_emulator
 // defines its own.)

@@ -40,6 +40,7 @@
 #include "sharedllm/common.h"
 
 #define SHAREDLLM_CUDA_EMULATOR 1
+#define SHAREDLLM_DEVICE_FAIL(message) emulator::device_fail(message)
 // the torch.ops namespace the harnesses register their ops in (one per build loaded together)
 #ifndef SHAREDLLM_EMULATED_OPS
 #define SHAREDLLM_EMULATED_OPS sharedllm_emulated
@@ -66,6 +67,7 @@ using cudaStream_t = void*;
 constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
 constexpr cudaError_t cudaErrorInvalidConfiguration = 9;
+constexpr cudaError_t cudaErrorAssert = 710;  // a device-side assert (SHAREDLLM_DEVICE_FAIL)
 constexpr cudaError_t cudaErrorEmulatorFinding = 999;  // the emulator's checks found a bug (emulator_checks.h)
 enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
@@ -77,6 +79,10 @@ constexpr size_t kDefaultSharedBytes = 48 * 1024, kOptInSharedBytes = 227 * 1024
 inline cudaError_t& last_error() {
   static cudaError_t error = cudaSuccess;
   return error;
+}
+inline std::string& assert_message() {  // of the first device-side assert since the error was last read
+  static std::string message;
+  return message;
 }
 // kernel -> the dynamic shared memory it opted in to (cudaFuncSetAttribute)
 inline std::map<const void*, size_t>& opted_in_shared_bytes() {
@@ -91,6 +97,9 @@ inline const char* cudaGetErrorString(cudaError_t error) {
   switch (error) {
     case cudaSuccess: return "no error";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorAssert:
+      findings = "device-side assert triggered: " + emulator::assert_message();
+      return findings.c_str();
     case cudaErrorEmulatorFinding:
       findings = emulator::checks::state().findings;
       return findings.c_str();
@@ -188,6 +197,17 @@ inline void trap_fiber() {
   b.fibers[b.current].done = true;
   ++b.progress;
   swapcontext(&b.fibers[b.current].context, &b.scheduler);
+}
+
+// A device-side assert (SHAREDLLM_DEVICE_FAIL of cuda_common.cuh): the thread ends there and the launch
+// fails with cudaErrorAssert and the first message. (On a GPU the error surfaces at the next
+// synchronisation instead, and leaves the context unusable.)
+inline void device_fail(const char* message) {
+  if (last_error() != cudaErrorAssert) {
+    last_error() = cudaErrorAssert;
+    assert_message() = message;
+  }
+  trap_fiber();
 }
 
 inline int warp_scope() { return 1 + static_cast<int>(threadIdx.x / 32); }
