@@ -1,21 +1,26 @@
 """The GPU kernels (Triton, and CUDA where this build has it) against their PyTorch peers and the
 roofline, on one GPU. Skipped without CUDA; ``bench/gpu_check.sh`` runs it.
 
-Every timed call ends with ``torch.cuda.synchronize()`` (the kernels run for milliseconds, so the
-~10 us of the synchronisation is noise). Inputs are far larger than the L2 cache (50 MB on an
-H200) except where noted, so each call reads them from HBM.
+Timing: ``triton.testing.do_bench`` medians (``timed(..., gpu_timer=...)`` in ``bench/conftest.py``):
+memory-bound ops with the L2 cache flushed before every call (and inputs larger than L2, 50 MB on an
+H200), attention forwards that need no host synchronisation (the CUDA kernels, the torch peers)
+replayed from a CUDA graph, the rest (Triton, whose attention builds its tile table on the host;
+backward passes) with ``do_bench``'s L2 flush. SDPA is pinned to its flash backend
+(``sdpa_kernel(SDPBackend.FLASH_ATTENTION)``, FlashAttention-2); the report gives TFLOP/s and GB/s
+against the matmul and copy peaks measured in the same run.
 
 * ``roofline``: a device-to-device copy of 2 GiB (GB/s = bytes read + written) and a bf16
   8192^3 matmul (TFLOP/s): the measured peaks the report divides by.
 * ``chunk_pool``: the keys of one layer for a 512K-token context (1 GiB bf16, 8 KV heads, head dim
   128) in the paper's tree nodes (512/256/128/128 per 1024-token chunk) pooled to 32 rows each.
   Peer: ``torch_copy`` of the same input (the bandwidth bound).
-* ``tree_topk``: 128 chunks of depth 3 (14 nodes), D = 4096, bf16 (a 128K-token context). Peer:
-  ``torch_read``, one reduction over ``node_emb`` (the issue's bound: 2x of reading it once), and
-  the reference.
+* ``tree_topk``: 8 sequences of 128 chunks of depth 3 (14 nodes), D = 4096, bf16 (eight 128K-token
+  contexts: 117 MB, more than L2). Peer: ``torch_read``, one reduction over ``node_emb`` (the issue's
+  bound: 2x of reading it once), and the reference.
 * ``cross_inject_attention``: bf16, 32 query heads, 8 KV heads, head dim 128, 4096 queries against
-  2K..128K pooled keys. Peers: ``torch_sdpa`` (SDPA on pre-rotated inputs, its flash backend) and
-  ``torch_unfused`` (rotary in PyTorch, then SDPA).
+  2K..128K pooled keys, plain (inputs already rotated) and with the fused rotary. Peers:
+  ``torch_sdpa`` (SDPA flash on pre-rotated inputs) and, with rotary, ``torch_unfused`` (rotary in
+  PyTorch, then SDPA flash).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sharedllm_ops as so
 from sharedllm_ops import triton as so_triton
@@ -32,17 +38,6 @@ from sharedllm_ops.reference import apply_rotary
 from sharedllm_ops.workloads import attention_inputs, chunk_pool_input, paper_tree_lengths, tree_topk_input
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmarks: no CUDA device")
-GPU_ROUNDS = dict(rounds=20, iterations=1, warmup_rounds=3)
-
-
-def synced(fn):
-    def run():
-        result = fn()
-        torch.cuda.synchronize()
-        return result
-
-    return run
-
 
 def gpu_backends(op: str) -> list[str]:
     """The kernels to time: Triton, and CUDA when this build compiled one for ``op``."""
@@ -61,17 +56,17 @@ def gpu_backends(op: str) -> list[str]:
 def test_roofline_gpu_copy_bandwidth(timed):
     x = torch.empty(2**30, dtype=torch.bfloat16, device="cuda").normal_()
     y = torch.empty_like(x)
-    timed(synced(lambda: y.copy_(x)), group="roofline copy 2 GiB", backend="torch_copy",
+    timed(lambda: y.copy_(x), group="roofline copy 2 GiB", backend="torch_copy",
           info={"op": "roofline", "pass": "copy", "shape": "2 GiB", "dtype": "bfloat16", "bytes": 2 * x.nbytes},
-          pedantic=GPU_ROUNDS)
+          gpu_timer="flush_l2")
 
 
 def test_roofline_gpu_bf16_matmul(timed):
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    timed(synced(lambda: a @ b), group="roofline matmul 8192^3 bf16", backend="torch_matmul",
+    timed(lambda: a @ b, group="roofline matmul 8192^3 bf16", backend="torch_matmul",
           info={"op": "roofline", "pass": "matmul", "shape": "8192^3", "dtype": "bfloat16", "flops": 2 * 8192**3},
-          pedantic=GPU_ROUNDS)
+          gpu_timer="graph")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,10 +95,10 @@ def test_chunk_pool_gpu(timed, mode, backend):
     else:
         fn = lambda: so.chunk_pool(x, cu, POOL_P, mode, backend=backend)  # noqa: E731
         moved = (rows_in + rows_out) * POOL_HEADS * POOL_DIM * x.element_size()
-    timed(synced(fn), group=f"chunk_pool forward gpu {mode}", backend=backend,
+    timed(fn, group=f"chunk_pool forward gpu {mode}", backend=backend,
           info={"op": "chunk_pool", "pass": "forward", "mode": mode, "dtype": "bfloat16", "bytes": moved,
                 "shape": f"x {x.shape[0]}x{POOL_HEADS}x{POOL_DIM} ({x.nbytes / 2**30:.1f} GiB), {len(lengths)} nodes -> P={POOL_P}"},
-          pedantic=GPU_ROUNDS)
+          gpu_timer="flush_l2")
 
 
 @pytest.mark.parametrize("backend", gpu_backends("chunk_pool"))
@@ -113,82 +108,129 @@ def test_chunk_pool_backward_gpu(timed, backend):
     out = so.chunk_pool(x, cu, POOL_P, "mean", backend=backend)
     grad = torch.randn_like(out)
     moved = (x.shape[0] + out.shape[0]) * POOL_HEADS * POOL_DIM * x.element_size()
-    timed(synced(lambda: torch.autograd.grad(out, x, grad, retain_graph=True)), group="chunk_pool backward gpu mean",
+    timed(lambda: torch.autograd.grad(out, x, grad, retain_graph=True), group="chunk_pool backward gpu mean",
           backend=backend, info={"op": "chunk_pool", "pass": "backward", "mode": "mean", "dtype": "bfloat16",
                                  "bytes": moved, "shape": f"x {x.shape[0]}x{POOL_HEADS}x{POOL_DIM}"},
-          pedantic=GPU_ROUNDS)
+          gpu_timer="flush_l2")
 
 
 # ---------------------------------------------------------------------------------------------
 # tree_topk
 
 
+TOPK_BATCH, TOPK_CHUNKS, TOPK_DIM = 8, 128, 4096
+
+
 @pytest.mark.parametrize("backend", ["torch_read", "reference"] + gpu_backends("tree_topk"))
 def test_tree_topk_gpu(timed, backend):
-    query, emb = tree_topk_input(1, 128, 14, 4096, torch.bfloat16, device="cuda")
+    query, emb = tree_topk_input(TOPK_BATCH, TOPK_CHUNKS, 14, TOPK_DIM, torch.bfloat16, device="cuda")
     if backend == "torch_read":
         fn = lambda: emb.sum(dim=-1)  # noqa: E731
     else:
         fn = lambda: so.tree_topk(query, emb, 3, backend=backend)  # noqa: E731
-    timed(synced(fn), group="tree_topk gpu 128 chunks depth 3 D=4096", backend=backend,
+    timed(fn, group=f"tree_topk gpu {TOPK_BATCH}x{TOPK_CHUNKS} chunks depth 3 D={TOPK_DIM}", backend=backend,
           info={"op": "tree_topk", "pass": "forward", "dtype": "bfloat16", "bytes": emb.nbytes,
-                "shape": "B=1 C=128 T=14 D=4096 (fits in L2: latency-bound)"},
-          pedantic=GPU_ROUNDS)
+                "shape": f"B={TOPK_BATCH} C={TOPK_CHUNKS} T=14 D={TOPK_DIM} ({emb.nbytes / 2**20:.0f} MiB, more than L2)"},
+          gpu_timer="flush_l2")
 
 
 # ---------------------------------------------------------------------------------------------
 # cross_inject_attention
 
 KEY_LENGTHS = (2048, 16384, 131072)
+# the timer of each attention backend: CUDA-graph replays where a call never synchronises with the host
+ATTENTION_TIMER = {"torch_sdpa": "graph", "torch_unfused": "graph", "cuda": "graph", "triton": "flush_l2"}
 
 
 def _pre_rotated(inp):
     q = apply_rotary(inp.q, inp.q_pos, inp.cos, inp.sin).to(inp.q.dtype)
     k = apply_rotary(inp.k, inp.k_pos, inp.cos, inp.sin).to(inp.k.dtype)
-    # [N, H, D] -> [1, H, N, D]: one sequence, as SDPA wants it
-    return q.transpose(0, 1)[None], k.transpose(0, 1)[None], inp.v.transpose(0, 1)[None]
+    return q, k
 
 
-def _attention_fn(backend, inp, q=None, k=None, v=None):
+def _heads_first(x):
+    return x.transpose(0, 1)[None]  # [N, H, D] -> [1, H, N, D]: one sequence, as SDPA wants it
+
+
+@functools.lru_cache(maxsize=None)
+def flash_takes_gqa(device: str = "cuda") -> bool:
+    """Whether SDPA's flash backend accepts fewer KV heads than query heads (else K/V are expanded to the
+    query heads before timing, which costs SDPA the extra reads)."""
+    q = torch.randn(1, 4, 64, 64, device=device, dtype=torch.bfloat16)
+    kv = torch.randn(1, 2, 64, 64, device=device, dtype=torch.bfloat16)
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+        return True
+    except RuntimeError:
+        return False
+
+
+def sdpa_flash(q, k, v, scale):
+    """SDPA pinned to FlashAttention-2 on ``[1, H, N, D]`` tensors (GQA native or expanded, see above)."""
+    if k.shape[1] != q.shape[1] and not flash_takes_gqa(q.device.type):
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _attention_fn(backend, inp, rotary: bool, q=None, k=None, v=None):
+    """The call to time. Plain: every backend gets q and k already rotated (no positions). Rotary: the
+    fused kernels get the positions; ``torch_sdpa`` still gets pre-rotated inputs (SDPA alone, a lower
+    bound); ``torch_unfused`` rotates in PyTorch first."""
     q, k, v = (inp.q, inp.k, inp.v) if q is None else (q, k, v)
-    if backend == "torch_sdpa":  # pre-rotated once, outside the timing: SDPA alone
-        qr, kr, vr = _pre_rotated(inp)
-        return lambda: F.scaled_dot_product_attention(qr, kr, vr, scale=inp.scale, enable_gqa=True)
+    if backend == "torch_sdpa" or (not rotary and backend != "torch_unfused"):
+        q, k = _pre_rotated(inp) if q is inp.q else (q, k)
+    if backend == "torch_sdpa":
+        qh, kh, vh = _heads_first(q), _heads_first(k), _heads_first(v)
+        if not flash_takes_gqa(qh.device.type):  # expanded once, outside the timing
+            group = qh.shape[1] // kh.shape[1]
+            kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
+        return lambda: sdpa_flash(qh, kh, vh, inp.scale)
     if backend == "torch_unfused":
         def unfused():
-            qr = apply_rotary(q, inp.q_pos, inp.cos, inp.sin).to(q.dtype).transpose(0, 1)[None]
-            kr = apply_rotary(k, inp.k_pos, inp.cos, inp.sin).to(k.dtype).transpose(0, 1)[None]
-            return F.scaled_dot_product_attention(qr, kr, v.transpose(0, 1)[None], scale=inp.scale, enable_gqa=True)
+            qr = apply_rotary(q, inp.q_pos, inp.cos, inp.sin).to(q.dtype)
+            kr = apply_rotary(k, inp.k_pos, inp.cos, inp.sin).to(k.dtype)
+            return sdpa_flash(_heads_first(qr), _heads_first(kr), _heads_first(v), inp.scale)
         return unfused
-    return lambda: so.cross_inject_attention(q, k, v, inp.cu_q, inp.cu_k, None, inp.q_pos, inp.k_pos, inp.cos, inp.sin,
-                                             backend=backend)
+    rotary_args = (inp.q_pos, inp.k_pos, inp.cos, inp.sin) if rotary else (None, None, None, None)
+    return lambda: so.cross_inject_attention(q, k, v, inp.cu_q, inp.cu_k, None, *rotary_args, backend=backend)
+
+
+def _attention_info(inp, rotary: bool, flops: int, pass_: str) -> dict:
+    return {"op": "cross_inject_attention", "pass": pass_, "dtype": "bfloat16", "rotary": rotary,
+            "shape": inp.describe().removesuffix(" rotary") + (", rotary" if rotary else ", plain"), "flops": flops,
+            "sdpa_flash_gqa": flash_takes_gqa(inp.q.device.type)}
 
 
 @pytest.mark.parametrize("backend", ["torch_sdpa", "torch_unfused"] + gpu_backends("cross_inject_attention"))
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
 @pytest.mark.parametrize("keys", KEY_LENGTHS)
-def test_attention_forward_gpu(timed, keys, backend):
+def test_attention_forward_gpu(timed, keys, rotary, backend):
+    if backend == "torch_unfused" and not rotary:
+        pytest.skip("without rotary the unfused peer is torch_sdpa")
     inp = attention_inputs([4096], [keys], dtype=torch.bfloat16, device="cuda")
-    timed(synced(_attention_fn(backend, inp)), group=f"cross_inject_attention forward gpu 4096x{keys}",
-          backend=backend, info={"op": "cross_inject_attention", "pass": "forward", "dtype": "bfloat16",
-                                 "shape": inp.describe(), "flops": inp.forward_flops()},
-          pedantic=GPU_ROUNDS)
+    timed(_attention_fn(backend, inp, rotary),
+          group=f"cross_inject_attention forward gpu 4096x{keys} {'rotary' if rotary else 'plain'}",
+          backend=backend, info=_attention_info(inp, rotary, inp.forward_flops(), "forward"),
+          gpu_timer=ATTENTION_TIMER[backend])
 
 
-@pytest.mark.parametrize("backend", ["torch_sdpa", "torch_unfused"] + gpu_backends("cross_inject_attention"))
+@pytest.mark.parametrize("backend", ["torch_sdpa"] + gpu_backends("cross_inject_attention"))
 @pytest.mark.parametrize("keys", KEY_LENGTHS[:2])
 def test_attention_backward_gpu(timed, keys, backend):
-    """The backward alone: the forward runs once, the timed call re-runs autograd on its graph."""
+    """The backward alone (plain: inputs already rotated): the forward runs once, the timed call re-runs
+    autograd on its graph."""
     inp = attention_inputs([4096], [keys], dtype=torch.bfloat16, device="cuda")
+    q, k = _pre_rotated(inp)
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, inp.v)]
     if backend == "torch_sdpa":
-        leaves = [t.detach().requires_grad_(True) for t in _pre_rotated(inp)]
-        out = F.scaled_dot_product_attention(*leaves, scale=inp.scale, enable_gqa=True)
+        heads = [_heads_first(t) for t in leaves]
+        out = sdpa_flash(*heads, inp.scale)
     else:
-        leaves = list(inp.leaves())
-        out = _attention_fn(backend, inp, *leaves)()
+        out = _attention_fn(backend, inp, False, *leaves)()
     grad = torch.randn_like(out)
-    timed(synced(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True)),
-          group=f"cross_inject_attention backward gpu 4096x{keys}", backend=backend,
-          info={"op": "cross_inject_attention", "pass": "backward", "dtype": "bfloat16", "shape": inp.describe(),
-                "flops": int(2.5 * inp.forward_flops())},
-          pedantic=GPU_ROUNDS)
-
+    timed(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True),
+          group=f"cross_inject_attention backward gpu 4096x{keys} plain", backend=backend,
+          info=_attention_info(inp, False, int(2.5 * inp.forward_flops()), "backward"), gpu_timer="flush_l2")

@@ -38,20 +38,46 @@ def session_medians() -> dict:
     return {}
 
 
+GPU_TIMERS = ("flush_l2", "graph")
+
+
+def gpu_median_seconds(fn, timer: str) -> float:
+    """Median seconds of ``fn`` on the GPU with Triton's ``do_bench``: ``"flush_l2"`` clears the L2 cache
+    before every call (memory-bound ops read their inputs from HBM, as in a model); ``"graph"`` replays
+    the calls captured in a CUDA graph (no launch overhead; for ops without host synchronisation)."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    if timer == "graph":
+        return do_bench_cudagraph(fn, rep=100, return_mode="median") / 1e3
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+
+
 @pytest.fixture
 def timed(benchmark, session_medians):
-    """``timed(fn, group=..., backend=..., info={...}, pedantic=None)`` benchmarks ``fn`` in
+    """``timed(fn, group=..., backend=..., info={...}, pedantic=None, gpu_timer=None)`` benchmarks ``fn`` in
     ``group`` and records ``info``, the backend and the speed-up over each peer of the group that
-    already ran in this session (so every ratio compares timings of the same run)."""
+    already ran in this session (so every ratio compares timings of the same run).
 
-    def run(fn, *, group: str, backend: str, info: dict, pedantic: dict | None = None):
+    ``gpu_timer`` (``"flush_l2"`` or ``"graph"``, see ``gpu_median_seconds``) times a GPU op with
+    ``do_bench`` instead: its median goes to ``extra_info["median_s"]`` (``bench/report.py`` reads it
+    before pytest-benchmark's own, which then times a single call)."""
+
+    def run(fn, *, group: str, backend: str, info: dict, pedantic: dict | None = None, gpu_timer: str | None = None):
         benchmark.group = group
         benchmark.extra_info.update(info)
         benchmark.extra_info["backend"] = backend
+        median = None
+        if gpu_timer is not None:
+            if gpu_timer not in GPU_TIMERS:
+                raise ValueError(f"gpu_timer must be one of {GPU_TIMERS}, got {gpu_timer!r}")
+            median = gpu_median_seconds(fn, gpu_timer)
+            benchmark.extra_info.update(median_s=median, timer=f"do_bench ({gpu_timer})")
+            pedantic = dict(rounds=1, iterations=1)
         result = benchmark.pedantic(fn, **pedantic) if pedantic else benchmark(fn)
         stats = getattr(benchmark, "stats", None)
-        if stats is not None:  # None under --benchmark-disable
+        if median is None and stats is not None:  # None under --benchmark-disable
             median = stats.stats.median
+        if median is not None:
             session_medians[(group, backend)] = median
             for peer in PEERS:
                 if peer != backend and (group, peer) in session_medians:

@@ -31,6 +31,12 @@ PEER_COLUMNS = (
 ROOFLINE = {"copy": "bytes", "matmul": "flops"}  # roofline rows: the measured peaks
 
 
+def median_of(bench: dict) -> float:
+    """The row's median: the GPU timer's (``triton.testing.do_bench``, with an L2 flush or over CUDA-graph
+    replays, see ``bench/conftest.py``) where it ran, else pytest-benchmark's."""
+    return bench["extra_info"].get("median_s", bench["stats"]["median"])
+
+
 def measured_peaks(data: dict) -> dict:
     """``{"bytes": B/s, "flops": FLOP/s}`` of the run's roofline rows (GPU runs only)."""
     peaks = {}
@@ -38,7 +44,7 @@ def measured_peaks(data: dict) -> dict:
         info = bench["extra_info"]
         if info.get("op") == "roofline" and ROOFLINE.get(info.get("pass")) in info:
             unit = ROOFLINE[info["pass"]]
-            peaks[unit] = info[unit] / bench["stats"]["median"]
+            peaks[unit] = info[unit] / median_of(bench)
     return peaks
 
 
@@ -66,13 +72,13 @@ def table_rows(data: dict) -> list[list[str]]:
     """One row per op benchmark, in run order (the suites run each group's peers first)."""
     medians: dict[str, dict[str, float]] = defaultdict(dict)  # group -> backend -> median
     for bench in data["benchmarks"]:
-        medians[bench["group"]][bench["extra_info"].get("backend", bench["name"])] = bench["stats"]["median"]
+        medians[bench["group"]][bench["extra_info"].get("backend", bench["name"])] = median_of(bench)
     rows = []
     peaks = measured_peaks(data)
     for bench in data["benchmarks"]:
         if is_model_row(bench):
             continue
-        info, median = bench["extra_info"], bench["stats"]["median"]
+        info, median = bench["extra_info"], median_of(bench)
         backend = info.get("backend", bench["name"])
         shape = info.get("shape", "")
         if "mode" in info:
@@ -88,7 +94,7 @@ def table_rows(data: dict) -> list[list[str]]:
                 info.get("pass", ""),
                 shape,
                 info.get("dtype", ""),
-                backend,
+                backend + (" (graph)" if info.get("timer", "").endswith("(graph)") else ""),
                 format_seconds(median, decimals_s=3),
                 throughput(info, median),
                 percent_of_peak(info, median, peaks),
@@ -126,7 +132,7 @@ def _model_groups(data: dict) -> dict:
     for bench in data["benchmarks"]:
         if is_model_row(bench):
             info = bench["extra_info"]
-            groups.setdefault(bench["group"], {})[info.get("backend", bench["name"])] = (bench["stats"]["median"], info)
+            groups.setdefault(bench["group"], {})[info.get("backend", bench["name"])] = (median_of(bench), info)
     return groups
 
 
@@ -173,7 +179,7 @@ def model_table_rows(data: dict) -> list[list[str]]:
                 f"{info.get('context_tokens', '?')} + {info.get('decoder_tokens', '?')}",
                 info.get("model", ""),
                 info.get("dtype", ""),
-                backend,
+                backend + (" (graph)" if info.get("timer", "").endswith("(graph)") else ""),
                 format_seconds(median, decimals_s=3),
                 format_bytes(peak),
                 format_bytes(info.get("kv_state_bytes")),
@@ -258,7 +264,9 @@ def render(data: dict) -> str:
         "Median time per call. Throughput: FLOPs (attention; backward = 2.5x forward, FlashAttention's "
         "convention) or bytes read + written (chunk_pool, tree_topk) per second; on a GPU, % of the peak "
         "measured in the same run (roofline rows: a 2 GiB device copy, a bf16 8192^3 matmul). Speed-ups "
-        "divide the medians of this same run; above 1 = this backend is faster.",
+        "divide the medians of this same run; above 1 = this backend is faster. GPU rows: medians of "
+        "triton.testing.do_bench, with the L2 cache flushed before every call, or over CUDA-graph replays "
+        "(marked (graph): calls without host synchronisation).",
     ]
     has_ops = any(not is_model_row(bench) for bench in data["benchmarks"])
     has_model = any(is_model_row(bench) for bench in data["benchmarks"])
