@@ -126,3 +126,8 @@ def test_shape_errors_stay_value_errors_on_the_default_path(emulated, monkeypatc
     with pytest.raises(ValueError, match=r"cu_seqlens_q and cu_seqlens_k must describe the same number"):
         emulated.cross_inject_attention(a["q"], a["k"], a["v"], a["cu_seqlens_q"], cu_seqlens([8]), 0.125,
                                         None, None, None, None)
+    # an empty rotary table: on the device a null table means no rotary, so the shape check must catch it
+    r = _attention_args()
+    with pytest.raises(ValueError, match=r"rotary_cos must have at least one row"):
+        emulated.cross_inject_attention(r["q"], r["k"], r["v"], r["cu_seqlens_q"], r["cu_seqlens_k"], 0.125,
+                                        r["q_positions"], r["k_positions"], r["rotary_cos"][:0], r["rotary_sin"][:0])

@@ -5,6 +5,7 @@ no GPU: there these tests skip (the Triton kernels are tested under the interpre
 test files; the CUDA sources are compiled). ``bench/gpu_check.sh`` runs them on a GPU machine."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -313,7 +314,7 @@ def test_attention_cuda_graph_capture_and_bad_inputs(monkeypatch):
 
 def test_the_cuda_path_never_synchronises_and_checks_indices_on_the_device(monkeypatch):
     """No host synchronisation in the forward and backward of either op by default (PyTorch's sync debug mode
-    raises on any, e.g. a copy of the index tensors to the host), and there is one with SHAREDLLM_HOST_CHECKS=1."""
+    warns on any, e.g. a copy of the index tensors to the host), and there is one with SHAREDLLM_HOST_CHECKS=1."""
     if not so._ext.compiled_kernels["cross_inject_attention"]["cuda"]:
         pytest.skip("this build has no CUDA kernels")
     q, k, v, cq, ck, extra = _attention_inputs([70, 0, 5], [130, 3, 0], 8, 2, 128, torch.bfloat16)
@@ -328,11 +329,13 @@ def test_the_cuda_path_never_synchronises_and_checks_indices_on_the_device(monke
 
     both_ops()  # first call: loads, allocates
     monkeypatch.delenv("SHAREDLLM_HOST_CHECKS", raising=False)
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("warn")  # "error" would raise through the C++ extension, a less stable path
     try:
-        both_ops()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*synchroniz.*")
+            both_ops()
         monkeypatch.setenv("SHAREDLLM_HOST_CHECKS", "1")
-        with pytest.raises(RuntimeError, match="synchroniz"):
+        with pytest.warns(UserWarning, match="synchroniz"):
             both_ops()
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -341,6 +344,8 @@ def test_the_cuda_path_never_synchronises_and_checks_indices_on_the_device(monke
 def test_a_bad_index_is_a_device_side_assert_naming_the_argument():
     """By default the values are checked on the device; a device-side assert leaves the CUDA context unusable,
     so this runs in a child process."""
+    if not so._ext.compiled_kernels["cross_inject_attention"]["cuda"]:
+        pytest.skip("this build has no CUDA kernel for cross_inject_attention")
     import os
     import subprocess
     import sys

@@ -161,37 +161,55 @@ def test_activation_checkpointing_trains_as_without_it(data_dir, tmp_path):
 
 
 def test_the_distillation_target_is_the_base_model_with_full_attention(data_dir, tmp_path):
-    """At ``copy_zero`` initialisation the student is the base model on the decoder alone: the KL to a teacher
-    that sees no context is zero (the positions line up), to one that sees the context it is not, and the
-    teacher's rows are those of a plain forward over the kept context and the decoder."""
+    """The teacher's rows are those of the plain base model (a fresh one, not the wrapper's) over the kept
+    context and the decoder, even when the cross blocks already inject something; at ``copy_zero``
+    initialisation the student is the base model on the decoder alone, so the KL to a teacher that sees
+    no context is zero (the positions line up) and to one that sees the context it is not."""
     cfg = config(data_dir, tmp_path / "run", batch_size=3)
     stream = T.token_stream(ByteTokenizer(), T.text_files(cfg.data))
     context, lengths, decoder, _ = T.draw_batch(stream, cfg, 0, 0, 0)
     model = T.SharedLLMForCausalLM.from_base(base_model(), T.SharedLLMConfig(**cfg.sharedllm)).eval()
     with torch.no_grad():
         student = model(decoder, context_input_ids=context, context_lengths=lengths).logits
-        blind = T.teacher_log_probs(model.base_model, context, lengths, decoder, 0)
-        seeing = T.teacher_log_probs(model.base_model, context, lengths, decoder, 10)
+        blind = T.teacher_log_probs(model, context, lengths.tolist(), decoder, 0)
+        seeing = T.teacher_log_probs(model, context, lengths.tolist(), decoder, 10)
         assert T.distillation_loss(student, blind).item() == pytest.approx(0.0, abs=1e-6)
         assert T.distillation_loss(student, seeing).item() > 1e-3
+        for block in model.cross_blocks.values():  # injecting now changes the wrapper's outputs
+            torch.nn.init.normal_(block.o_c.weight, std=0.5)
+        injected = T.teacher_log_probs(model, context, lengths.tolist(), decoder, 10)
         n = int(lengths[1])
-        plain = model.base_model(torch.cat([context[1, n - 10 : n], decoder[1]])[None]).logits[0, 10:-1]
+        plain = base_model()(torch.cat([context[1, n - 10 : n], decoder[1]])[None]).logits[0, 10:-1]
     assert seeing.shape == (3, decoder.shape[1] - 1, VOCAB)
+    torch.testing.assert_close(injected, seeing, rtol=0, atol=0)
     torch.testing.assert_close(seeing[1], torch.log_softmax(plain, -1), rtol=1e-5, atol=1e-5)
 
 
-def test_distillation_adds_the_kl_to_the_loss(data_dir, tmp_path):
-    plain = run(config(data_dir, tmp_path / "plain", steps=1))
-    blind = run(config(data_dir, tmp_path / "blind", steps=1, distill_weight=1.0, distill_context_tokens=0))
-    seeing = run(config(data_dir, tmp_path / "seeing", steps=3, distill_weight=1.0, distill_context_tokens=64))
-    # step 0 starts from the base model: a blind teacher agrees with it, one that sees the context does not
-    assert blind["losses"][0] == pytest.approx(plain["losses"][0], rel=1e-5)
-    assert seeing["losses"][0] > plain["losses"][0] + 1e-3
-    assert all(map(torch.isfinite, torch.tensor(seeing["losses"])))
-    with pytest.raises(ValueError, match="distill_weight"):
-        config(data_dir, tmp_path / "bad", distill_weight=-1.0)
-    with pytest.raises(ValueError, match="distill_context_tokens"):
-        config(data_dir, tmp_path / "bad", distill_context_tokens=-1)
+def test_distillation_adds_the_weighted_kl_to_the_loss(data_dir, tmp_path):
+    """First step, from the base model (``copy_zero``): loss = CE + 0.5 KL(teacher || student), both computed
+    here by hand on the step's samples."""
+    cfg = config(data_dir, tmp_path / "run", steps=1, distill_weight=0.5, distill_context_tokens=64)
+    losses = run(cfg)["losses"]
+    stream = T.token_stream(ByteTokenizer(), T.text_files(cfg.data))
+    context, lengths, decoder, _ = T.draw_batch(stream, cfg, 0, 0, 0)
+    model = T.SharedLLMForCausalLM.from_base(base_model(), T.SharedLLMConfig(**cfg.sharedllm)).eval()
+    with torch.no_grad():
+        out = model(decoder, labels=decoder)  # o_c = 0: the context changes nothing yet
+        teacher = T.teacher_log_probs(model, context, lengths.tolist(), decoder, 64)
+        expected = out.loss + 0.5 * T.distillation_loss(out.logits, teacher)
+    assert losses[0] == pytest.approx(expected.item(), rel=1e-5)
+    assert expected.item() > out.loss.item() + 1e-3  # the KL term is there
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(distill_weight=-1.0), "distill_weight"), (dict(distill_weight=float("inf")), "distill_weight"),
+    (dict(distill_weight=True), "distill_weight"), (dict(distill_context_tokens=-1), "distill_context_tokens"),
+    (dict(distill_weight=1.0, trainable="cross+top"), "trainable='cross'"),
+    (dict(distill_weight=1.0, decoder_tokens=1), "decoder_tokens >= 2"),
+])
+def test_bad_distillation_settings_are_rejected(data_dir, tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        config(data_dir, tmp_path / "bad", **change)
 
 
 class Interrupted(Exception):
@@ -340,6 +358,7 @@ def test_the_optimizer_follows_the_schedule(data_dir, tmp_path):
 
 PER_RANK = 1  # samples per process; the single-process run takes WORLD_SIZE times as many
 NO_NOISE = dict(split_noise_std=0.0)
+DISTILL = dict(distill_weight=1.0, distill_context_tokens=64)
 
 
 def fsdp_config(data_dir, output, **overrides):
@@ -370,6 +389,8 @@ def _worker(rank: int, port: int, out_dir: str, data_dir: str) -> None:
         record("from-single", run(fsdp_config(data, out / "from-single", sharedllm=NO_NOISE, steps=5)))
         # with split noise (the default)
         record("noise", run(fsdp_config(data, out / "noise")))
+        # with distillation: the teacher's forward must gather the sharded weights too
+        record("distill", run(fsdp_config(data, out / "distill", sharedllm=NO_NOISE, **DISTILL)))
     finally:
         torch.save(results, out / f"rank{rank}.pt")
         if dist.is_initialized():
@@ -389,6 +410,8 @@ def fsdp_results(data_dir, tmp_path_factory):
     refs["resumed"]["injector"] = injector(refs["resumed"]["model"])
     refs["noise"] = run(fsdp_config(data_dir, out / "single-noise", **single))
     refs["noise"]["injector"] = injector(refs["noise"]["model"])
+    refs["distill"] = run(fsdp_config(data_dir, out / "single-distill", sharedllm=NO_NOISE, **DISTILL, **single))
+    refs["distill"]["injector"] = injector(refs["distill"]["model"])
 
     elapsed = run_workers(_worker, (free_port(), str(out), str(data_dir)), WORLD_SIZE, TIMEOUT_S,
                           f"the {WORLD_SIZE}-process training")
@@ -397,7 +420,7 @@ def fsdp_results(data_dir, tmp_path_factory):
     return ranks, refs, out
 
 
-@pytest.mark.parametrize("case", ["fresh", "resumed", "from-single"])
+@pytest.mark.parametrize("case", ["fresh", "resumed", "from-single", "distill"])
 def test_fsdp_training_matches_the_single_process_run(fsdp_results, case):
     ranks, refs, out = fsdp_results
     ref = refs["resumed" if case == "from-single" else case]

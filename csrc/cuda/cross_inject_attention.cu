@@ -14,8 +14,9 @@
 //   the head dim, one key (or query) at a time. Correct everywhere, fast nowhere; float32 takes it.
 //
 // Varlen: a block finds its (sequence, first row) by walking cu_seqlens on the device, so nothing
-// is read on the host and the launch is graph-capturable. All sequence bounds and rotary positions
-// are clamped, so unvalidated indices (graph capture skips the host checks) stay in bounds.
+// is read on the host and the launch is graph-capturable. The index values are checked on the device
+// first (check_attention_indices); all sequence bounds and rotary positions are clamped as well, so
+// that no read leaves its tensor even before the failed check has stopped the work.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -60,6 +61,15 @@ __device__ bool find_tile(const int32_t* cu, int64_t batch, int64_t total, int64
     tile -= tiles;
   }
   return false;
+}
+
+// The rotary of one pair (x[i], x[i + D/2]) in float32, given the cos/sin of both columns: shared by the
+// tile loads and rotate_k, so that k rotated once and k rotated tile by tile round identically.
+__device__ __forceinline__ void rotate_pair(float& lo, float& hi, float cos_lo, float sin_lo, float cos_hi,
+                                            float sin_hi) {
+  const float a = lo, b = hi;
+  lo = a * cos_lo - b * sin_lo;
+  hi = b * cos_hi + a * sin_hi;
 }
 
 // cos/sin rows of a position (clamped into the table), or null without rotary (no table, or no positions:
@@ -116,8 +126,7 @@ __device__ __forceinline__ void store_unrotated(T* out, const float* g, int64_t 
 }
 
 // The value checks of the default CUDA path (AttentionParams::check_indices): every boundary and position
-// the kernels will read, before they run. The kernels clamp what they read anyway, so an unchecked call
-// (a graph replay with changed indices, say) cannot read out of bounds, only give a wrong answer.
+// the kernels will read, before they run (also in every replay of a captured CUDA graph).
 __global__ void check_attention_indices(AttentionParams p, int64_t nq, int64_t nk) {
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -157,10 +166,11 @@ __global__ void rotate_k(AttentionParams p, int64_t nk) {
     const T* x = static_cast<const T*>(p.k) + row * p.k_row_stride + head * p.k_head_stride;
     const float* cs = rotary_row(p.rotary.cos, p.rotary.k_positions, row, p.rotary, p.head_dim);
     const float* sn = rotary_row(p.rotary.sin, p.rotary.k_positions, row, p.rotary, p.head_dim);
-    const float a = load_float(x[col]), b = load_float(x[col + half]);
+    float lo = load_float(x[col]), hi = load_float(x[col + half]);
+    rotate_pair(lo, hi, cs[col], sn[col], cs[col + half], sn[col + half]);
     T* out = static_cast<T*>(p.k_rotated) + row_head * p.head_dim;
-    out[col] = store_float<T>(a * cs[col] - b * sn[col]);
-    out[col + half] = store_float<T>(b * cs[col + half] + a * sn[col + half]);
+    out[col] = store_float<T>(lo);
+    out[col + half] = store_float<T>(hi);
   }
 }
 
@@ -470,11 +480,8 @@ __device__ __forceinline__ void load_tile(uint16_t* tile, const T* base, int64_t
       const float* cs = rotary_row(r.cos, positions, first + row, r, D);
       const float* sn = rotary_row(r.sin, positions, first + row, r, D);
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        const float a = lo[i], b = hi[i];
-        lo[i] = a * cs[col + i] - b * sn[col + i];
-        hi[i] = b * cs[col + kHalf + i] + a * sn[col + kHalf + i];
-      }
+      for (int i = 0; i < kVec; ++i)
+        rotate_pair(lo[i], hi[i], cs[col + i], sn[col + i], cs[col + kHalf + i], sn[col + kHalf + i]);
     } else {
 #pragma unroll
       for (int i = 0; i < kVec; ++i) lo[i] = hi[i] = 0.f;
@@ -899,6 +906,15 @@ void cross_inject_attention_backward(const AttentionBackwardParams& p, int64_t n
   }
 }
 
+template <typename T>
+bool rotates_k_once(const AttentionParams& p) {
+  if constexpr (std::is_same_v<T, float>) return false;  // float32 has no tensor-core path
+  else return p.rotary.cos != nullptr && use_tensor_cores<T>(p);
+}
+
+template bool rotates_k_once<float>(const AttentionParams&);
+template bool rotates_k_once<half_t>(const AttentionParams&);
+template bool rotates_k_once<bfloat16_t>(const AttentionParams&);
 template void cross_inject_attention_forward<float>(const AttentionForwardParams&, int64_t, int64_t, void*);
 template void cross_inject_attention_forward<half_t>(const AttentionForwardParams&, int64_t, int64_t, void*);
 template void cross_inject_attention_forward<bfloat16_t>(const AttentionForwardParams&, int64_t, int64_t, void*);

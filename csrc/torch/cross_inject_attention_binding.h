@@ -69,6 +69,8 @@ inline AttentionInputs check_attention_inputs(const Tensor& q, const Tensor& k, 
                       cos.size(1));
     SHAREDLLM_CHECK(same_shape(sin, cos), "rotary_sin must have the shape of rotary_cos ", shape_of(cos),
                       ", got ", shape_of(sin));
+    // (an empty table would also pass for no rotary on the device, where a null pointer means none)
+    SHAREDLLM_CHECK(cos.size(0) >= 1 || in.nq + in.nk == 0, "rotary_cos must have at least one row (a position)");
     SHAREDLLM_CHECK(is_float_type(cos.scalar_type()) && is_float_type(sin.scalar_type()),
                       "rotary_cos and rotary_sin must be floating point");
     check_same_device(cos, q, "rotary_cos", "q");
@@ -108,10 +110,10 @@ inline void fill_params(AttentionParams& p, const AttentionInputs& in, const Ten
 
 
 // CUDA: scratch of k's shape and dtype for k rotated once per call (AttentionParams::k_rotated), set in
-// `p` when there is a rotary; keep the returned tensor until the kernels are enqueued (the caching
-// allocator orders its reuse on the stream).
-inline std::optional<Tensor> attach_k_rotated(AttentionParams& p, const Tensor& k) {
-  if (p.rotary.cos == nullptr || k.numel() == 0) return std::nullopt;
+// `p` when the kernels use it (`use`: cuda::rotates_k_once); keep the returned tensor until the kernels
+// are enqueued (the caching allocator orders its reuse on the stream).
+inline std::optional<Tensor> attach_k_rotated(AttentionParams& p, const Tensor& k, bool use) {
+  if (!use || k.numel() == 0) return std::nullopt;
   Tensor scratch = new_tensor_like(k, {k.size(0), k.size(1), k.size(2)});
   p.k_rotated = scratch.data_ptr();
   return scratch;

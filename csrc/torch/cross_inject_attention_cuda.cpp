@@ -28,11 +28,11 @@ std::tuple<Tensor, Tensor> cross_inject_attention_cuda(
   return run_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, q_positions, k_positions,
                                rotary_cos, rotary_sin, cuda_value_checks(q),
                                [&](auto tag, const AttentionForwardParams& checked) {
+                                 using T = typename decltype(tag)::type;
                                  check_cuda_head_dims(checked);
                                  AttentionForwardParams p = checked;
-                                 const auto k_rotated = attach_k_rotated(p, k);
-                                 cuda::cross_inject_attention_forward<typename decltype(tag)::type>(
-                                     p, nq, nk, current_stream(q));
+                                 const auto k_rotated = attach_k_rotated(p, k, cuda::rotates_k_once<T>(p));
+                                 cuda::cross_inject_attention_forward<T>(p, nq, nk, current_stream(q));
                                });
 }
 
@@ -48,12 +48,12 @@ std::tuple<Tensor, Tensor, Tensor> cross_inject_attention_backward_cuda(
   return run_attention_backward(
       grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, q_positions, k_positions,
       rotary_cos, rotary_sin, cuda_value_checks(q), [&](auto tag, const AttentionBackwardParams& checked) {
+        using T = typename decltype(tag)::type;
         check_cuda_head_dims(checked);
         AttentionBackwardParams p = checked;
-        const auto k_rotated = attach_k_rotated(p, k);
+        const auto k_rotated = attach_k_rotated(p, k, cuda::rotates_k_once<T>(p));
         delta = new_tensor({nq, q.size(1)}, ScalarType::Float, q);
-        cuda::cross_inject_attention_backward<typename decltype(tag)::type>(p, nq, nk, ptr<float>(delta),
-                                                                             current_stream(q));
+        cuda::cross_inject_attention_backward<T>(p, nq, nk, ptr<float>(delta), current_stream(q));
       });
 }
 

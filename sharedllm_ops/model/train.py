@@ -90,8 +90,14 @@ class TrainConfig:
                              f"{self.min_context_tokens} and {self.context_tokens}")
         if self.trainable not in ("cross", "cross+top"):
             raise ValueError(f"TrainConfig.trainable must be 'cross' or 'cross+top', got {self.trainable!r}")
-        if not (isinstance(self.distill_weight, (int, float)) and self.distill_weight >= 0):
-            raise ValueError(f"TrainConfig.distill_weight must be a float >= 0, got {self.distill_weight!r}")
+        if isinstance(self.distill_weight, bool) or not isinstance(self.distill_weight, (int, float)) \
+                or not 0 <= self.distill_weight < math.inf:
+            raise ValueError(f"TrainConfig.distill_weight must be a finite float >= 0, got {self.distill_weight!r}")
+        if self.distill_weight > 0 and self.trainable != "cross":
+            raise ValueError("distillation needs trainable='cross': the teacher is the base model, whose top layers "
+                             f"trainable={self.trainable!r} would train")
+        if self.distill_weight > 0 and self.decoder_tokens < 2:
+            raise ValueError(f"distillation needs decoder_tokens >= 2 (a next token to predict), got {self.decoder_tokens}")
         if not isinstance(self.distill_context_tokens, int) or self.distill_context_tokens < 0:
             raise ValueError(f"TrainConfig.distill_context_tokens must be an int >= 0, got {self.distill_context_tokens!r}")
         if not self.lr > 0:
@@ -170,16 +176,16 @@ def draw_batch(stream: torch.Tensor, cfg: TrainConfig, step: int, micro: int, ra
 
 
 @torch.no_grad()
-def teacher_log_probs(base, context, lengths, decoder, context_tokens: int) -> torch.Tensor:
-    """float32 ``[b, Ld - 1, V]``: log-probabilities of the base model alone (no injection) for the decoder's next
-    tokens, with full attention over the last ``context_tokens`` tokens of each sample's context and the decoder.
-    ``base`` is the wrapped model's ``base_model``: outside ``injecting()`` it is the plain base model."""
+def teacher_log_probs(model, context, lengths: list[int], decoder, context_tokens: int) -> torch.Tensor:
+    """float32 ``[b, Ld - 1, V]``: log-probabilities of the base model alone for the decoder's next tokens, with
+    full attention over the last ``context_tokens`` tokens of each sample's context (``lengths``, on the host)
+    and the decoder. ``model`` is the wrapper, called without a context: the plain base model, through the
+    wrapper's forward so that FSDP gathers the sharded weights first."""
     rows = []
     for i in range(decoder.shape[0]):
-        n = int(lengths[i])
-        keep = min(n, context_tokens)
-        ids = torch.cat([context[i, n - keep : n], decoder[i]]).unsqueeze(0)
-        logits = base(input_ids=ids, logits_to_keep=decoder.shape[1]).logits[:, :-1]
+        keep = min(lengths[i], context_tokens)
+        ids = torch.cat([context[i, lengths[i] - keep : lengths[i]], decoder[i]]).unsqueeze(0)
+        logits = model(input_ids=ids, logits_to_keep=decoder.shape[1], use_cache=False).logits[:, :-1]
         rows.append(F.log_softmax(logits.float(), dim=-1))
     return torch.cat(rows)
 
@@ -261,11 +267,12 @@ def train(cfg: TrainConfig, *, base=None, tokenizer=None, resume: bool = True, p
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
             context, lengths, decoder, seeds = draw_batch(stream, cfg, step, micro, env.rank)
+            host_lengths = lengths.tolist()
             context, lengths, decoder = context.to(env.device), lengths.to(env.device), decoder.to(env.device)
             with autocast:
                 target = None
                 if cfg.distill_weight > 0:
-                    target = teacher_log_probs(model.base_model, context, lengths, decoder, cfg.distill_context_tokens)
+                    target = teacher_log_probs(model, context, host_lengths, decoder, cfg.distill_context_tokens)
                 out = model(decoder, context_input_ids=context, context_lengths=lengths, labels=decoder,
                             split_noise_seeds=seeds)
                 loss = out.loss

@@ -24,10 +24,10 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
   return binding::run_attention_forward(q, k, v, cu_q, cu_k, scale, q_pos, k_pos, cos, sin,
                                         binding::cuda_value_checks_outside_graphs(),
                                         [&](auto tag, const AttentionForwardParams& checked) {
+                                          using T = typename decltype(tag)::type;
                                           AttentionForwardParams p = checked;
-                                          const auto k_rotated = binding::attach_k_rotated(p, k);
-                                          cuda::cross_inject_attention_forward<typename decltype(tag)::type>(
-                                              p, nq, nk, nullptr);
+                                          const auto k_rotated = binding::attach_k_rotated(p, k, cuda::rotates_k_once<T>(p));
+                                          cuda::cross_inject_attention_forward<T>(p, nq, nk, nullptr);
                                         });
 }
 
@@ -41,10 +41,11 @@ std::tuple<Tensor, Tensor, Tensor> backward(
   return binding::run_attention_backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, scale, q_pos, k_pos, cos,
                                          sin, binding::cuda_value_checks_outside_graphs(),
                                          [&](auto tag, const AttentionBackwardParams& checked) {
+                                           using T = typename decltype(tag)::type;
                                            AttentionBackwardParams p = checked;
-                                           const auto k_rotated = binding::attach_k_rotated(p, k);
-                                           cuda::cross_inject_attention_backward<typename decltype(tag)::type>(
-                                               p, nq, nk, binding::ptr<float>(delta), nullptr);
+                                           const auto k_rotated = binding::attach_k_rotated(p, k, cuda::rotates_k_once<T>(p));
+                                           cuda::cross_inject_attention_backward<T>(p, nq, nk, binding::ptr<float>(delta),
+                                                                                    nullptr);
                                          });
 }
 

@@ -32,8 +32,9 @@ struct AttentionParams {
   RotaryParams rotary;
   // CUDA: check cu_seqlens and positions on the device first (the bindings' default; see cuda_common.cuh)
   bool check_indices = false;
-  // CUDA with rotary: scratch [Nk, Hk, D], contiguous, of k's dtype, for k rotated once per call (null:
-  // the kernels rotate each k tile as they stage it, again for every query tile and head)
+  // CUDA with rotary (when cuda::rotates_k_once): scratch [Nk, Hk, D], contiguous, of k's dtype, for k
+  // rotated once per call (null: the kernels rotate each k tile as they stage it, again for every query
+  // tile and head)
   void* k_rotated = nullptr;
 };
 
@@ -88,6 +89,10 @@ inline constexpr int64_t kMaxHeadDims = 4096;  // D + Dv
 // read out of bounds); `stream` is a cudaStream_t (void* keeps CUDA headers out of this header).
 template <typename T>
 void cross_inject_attention_forward(const AttentionForwardParams& p, int64_t nq, int64_t nk, void* stream);
+// Whether the kernels for these params use AttentionParams::k_rotated (the tensor-core path with a rotary):
+// the binding allocates the scratch only then.
+template <typename T>
+bool rotates_k_once(const AttentionParams& p);
 // `delta`: float32 [Nq, Hq] scratch for rowsum(dO * O) - grad_lse
 template <typename T>
 void cross_inject_attention_backward(const AttentionBackwardParams& p, int64_t nq, int64_t nk, float* delta,

@@ -5,7 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cassert>  // __assert_fail, behind SHAREDLLM_DEVICE_FAIL
+#include <cassert>  // assert; nvcc declares the device __assert_fail behind SHAREDLLM_DEVICE_FAIL whatever NDEBUG says
 #include <cstdint>
 #include <initializer_list>
 #include <stdexcept>
