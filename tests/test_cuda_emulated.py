@@ -140,6 +140,32 @@ def test_attention_forward_backward_match_reference(emulated, dtype, d, dv, hq, 
         assert_close(a, b, grad_tol(dtype, float(b.abs().max())), msg=f"d{name}")
 
 
+SPLIT_LENGTHS = ([70, 0, 5, 1, 3], [300, 3, 0, 200, 65])  # 5 and 4 key tiles, one, none, a query-less sequence
+
+
+@pytest.mark.parametrize("splits", [None, "2", "3", "16"], ids=["default", "2", "3", "16"])
+@pytest.mark.parametrize("dtype,d,hq,hk,rotary", [(torch.bfloat16, 64, 4, 2, True), (torch.float16, 128, 2, 1, False)],
+                         ids=["bf16-d64-rotary", "fp16-d128"])
+def test_attention_forward_split_over_the_keys(emulated, monkeypatch, splits, dtype, d, hq, hk, rotary):
+    """SHAREDLLM_ATTENTION_SPLITS=n: n blocks per (query tile, head) share the key tiles (shares without keys
+    included: a sequence with none, sequences with fewer tiles than shares), merged by combine_splits into
+    the reference's out and lse. default: 64 queries against 1024 keys, which fill 4 of 264 block slots on
+    132 SMs, split by the heuristic."""
+    lq, lk = SPLIT_LENGTHS if splits else ([64], [1024])
+    if splits:
+        monkeypatch.setenv("SHAREDLLM_ATTENTION_SPLITS", splits)
+    else:
+        monkeypatch.delenv("SHAREDLLM_ATTENTION_SPLITS", raising=False)
+    q, k, v, cq, ck, extra = _attention_case(lq, lk, hq, hk, d, d, dtype, rotary)
+    args = (cq, ck, d**-0.5, extra["q_positions"], extra["k_positions"], extra["rotary_cos"], extra["rotary_sin"])
+    with nan_filled_empty():  # the shares' scratch too: an unwritten share would read NaN
+        out, lse = emulated.cross_inject_attention(q, k, v, *args)
+    ref, ref_lse = so.cross_inject_attention(q, k, v, cq, ck, softmax_scale=d**-0.5, return_lse=True,
+                                             backend="reference", **extra)
+    assert_close(out, ref, ATTN_TOL[dtype], msg="out")
+    torch.testing.assert_close(lse, ref_lse, atol=5e-2, rtol=1e-2)
+
+
 def test_attention_without_lse_gradient_and_empty_inputs(emulated):
     q, k, v, cq, ck, extra = _attention_case([17], [40], 2, 1, 64, 64, torch.bfloat16, False)
     out, lse = emulated.cross_inject_attention(q, k, v, cq, ck, 0.125, None, None, None, None)

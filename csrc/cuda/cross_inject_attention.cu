@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <stdexcept>
 #include <type_traits>
 
@@ -521,6 +522,18 @@ __device__ __forceinline__ void store_accumulators(T* row, const float (&acc)[D 
     *reinterpret_cast<uint32_t*>(row + nt * 8 + 2 * t) = pack2<T>(acc[nt][2 * h] * scale, acc[nt][2 * h + 1] * scale);
 }
 
+// The same into a float32 row (a split's share of the result).
+template <int D>
+__device__ __forceinline__ void store_accumulators_f32(float* row, const float (&acc)[D / 8][4], int h, float scale,
+                                                       int lane) {
+  const int t = lane % 4;
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+    row[nt * 8 + 2 * t] = acc[nt][2 * h] * scale;
+    row[nt * 8 + 2 * t + 1] = acc[nt][2 * h + 1] * scale;
+  }
+}
+
 // The query and key rows of sequence `seq`.
 struct SequenceBounds {
   int64_t q_begin, q_end, k_begin, k_end;
@@ -557,8 +570,13 @@ __global__ void __launch_bounds__(kMmaThreads) attention_forward_mma(AttentionFo
   if (!block_tile(p.cu_seqlens_q, p.batch, nq, kBlockM, seq, q_first)) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t head = blockIdx.y, kv_head = head / (p.num_q_heads / p.num_kv_heads);
-  const auto [q_begin, q_end, k_begin, k_end] = sequence_bounds(p, seq, nq, nk);
+  const auto [q_begin, q_end, seq_k_begin, seq_k_end] = sequence_bounds(p, seq, nq, nk);
   const RotaryParams& r = p.rotary;
+  // with a split over the keys, block z takes the z-th share of the sequence's key tiles (maybe none)
+  const int64_t key_tiles = (seq_k_end - seq_k_begin + kBlockN - 1) / kBlockN;
+  const int64_t share = (key_tiles + p.num_splits - 1) / p.num_splits * kBlockN;
+  const int64_t k_begin = min(seq_k_end, seq_k_begin + static_cast<int64_t>(blockIdx.z) * share);
+  const int64_t k_end = min(seq_k_end, k_begin + share);
 
   load_tile<T, D, kBlockM>(k_tile, static_cast<const T*>(p.q) + head * p.q_head_stride, p.q_row_stride, q_first,
                            q_end, r.q_positions, r);
@@ -623,8 +641,38 @@ __global__ void __launch_bounds__(kMmaThreads) attention_forward_mma(AttentionFo
     const int64_t row = q_first + warp * 16 + g + 8 * h;
     if (row >= q_end) continue;
     const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;  // a sequence without keys gives out = 0
-    store_accumulators<T, D>(static_cast<T*>(p.out) + (row * p.num_q_heads + head) * D, o, h, inv, lane);
-    if (t == 0) p.lse[row * p.num_q_heads + head] = l[h] > 0.f ? (m[h] + log2f(l[h])) * kLn2 : -INFINITY;
+    const int64_t item = row * p.num_q_heads + head;
+    if (p.num_splits > 1) {  // this share's result, merged by combine_splits
+      const int64_t slot = static_cast<int64_t>(blockIdx.z) * nq * p.num_q_heads + item;
+      store_accumulators_f32<D>(p.split_out + slot * D, o, h, inv, lane);
+      if (t == 0) p.split_lse[slot] = l[h] > 0.f ? m[h] + log2f(l[h]) : -INFINITY;
+      continue;
+    }
+    store_accumulators<T, D>(static_cast<T*>(p.out) + item * D, o, h, inv, lane);
+    if (t == 0) p.lse[item] = l[h] > 0.f ? (m[h] + log2f(l[h])) * kLn2 : -INFINITY;
+  }
+}
+
+// The split forward's last step: out and lse of every (row, head) from its shares, weighted by each
+// share's sum of exponentials (a share without keys weighs nothing; no keys at all gives out = 0).
+template <typename T>
+__global__ void combine_splits(AttentionForwardParams p, int64_t nq) {
+  const int64_t dim = p.v_dim, rows = nq * p.num_q_heads, share_stride = rows;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * dim; i += stride) {
+    const int64_t item = i / dim, col = i % dim;
+    float top = -INFINITY;
+    for (int z = 0; z < p.num_splits; ++z) top = fmaxf(top, p.split_lse[z * share_stride + item]);
+    float total = 0.f, acc = 0.f;
+    if (top != -INFINITY) {
+      for (int z = 0; z < p.num_splits; ++z) {
+        const float weight = exp2f(p.split_lse[z * share_stride + item] - top);
+        total += weight;
+        acc += weight * p.split_out[(z * share_stride + item) * dim + col];
+      }
+    }
+    static_cast<T*>(p.out)[i] = store_float<T>(top == -INFINITY ? 0.f : acc / total);
+    if (col == 0) p.lse[item] = top == -INFINITY ? -INFINITY : (top + log2f(total)) * kLn2;
   }
 }
 
@@ -829,8 +877,22 @@ unsigned tile_blocks(int64_t rows, int64_t batch, int64_t rows_per_tile) {
 
 template <typename T, int D>
 void launch_forward_mma(const AttentionForwardParams& p, int64_t nq, int64_t nk, cudaStream_t stream) {
-  const dim3 grid(tile_blocks(nq, p.batch, 16 * kMmaWarps), static_cast<unsigned>(p.num_q_heads));
+  const dim3 grid(tile_blocks(nq, p.batch, 16 * kMmaWarps), static_cast<unsigned>(p.num_q_heads),
+                  static_cast<unsigned>(p.num_splits));
   launch_kernel(attention_forward_mma<T, D>, grid, kMmaThreads, 0, stream, p, nq, nk);
+  if (p.num_splits > 1) {
+    check_launch("cross_inject_attention_forward");
+    const int64_t items = nq * p.num_q_heads * p.v_dim;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((items + 255) / 256, 65535));
+    launch_kernel(combine_splits<T>, blocks, 256, 0, stream, p, nq);
+  }
+}
+
+int multiprocessor_count() {
+  int device = 0, count = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+  return count;
 }
 
 template <typename T, int D>
@@ -907,11 +969,31 @@ void cross_inject_attention_backward(const AttentionBackwardParams& p, int64_t n
 }
 
 template <typename T>
+int attention_forward_splits(const AttentionParams& p, int64_t nq, int64_t nk) {
+  if constexpr (std::is_same_v<T, float>) {
+    return 1;  // the split is in the tensor-core kernel only
+  } else {
+    if (nq == 0 || nk == 0 || p.num_q_heads == 0 || !use_tensor_cores<T>(p)) return 1;
+    if (const char* forced = std::getenv("SHAREDLLM_ATTENTION_SPLITS"))
+      return static_cast<int>(std::clamp<long>(std::strtol(forced, nullptr, 10), 1, kMaxSplits));
+    // enough blocks for two per SM (the forward fits three), and at least 4 key tiles per share on average
+    const int64_t blocks = static_cast<int64_t>(tile_blocks(nq, p.batch, 16 * kMmaWarps)) * p.num_q_heads;
+    const int64_t wanted = 2 * static_cast<int64_t>(multiprocessor_count());
+    const int64_t key_tiles = nk / std::max<int64_t>(p.batch, 1) / 64;
+    const int64_t splits = std::min((wanted + blocks - 1) / blocks, key_tiles / 4);
+    return static_cast<int>(std::clamp<int64_t>(splits, 1, kMaxSplits));
+  }
+}
+
+template <typename T>
 bool rotates_k_once(const AttentionParams& p) {
   if constexpr (std::is_same_v<T, float>) return false;  // float32 has no tensor-core path
   else return p.rotary.cos != nullptr && use_tensor_cores<T>(p);
 }
 
+template int attention_forward_splits<float>(const AttentionParams&, int64_t, int64_t);
+template int attention_forward_splits<half_t>(const AttentionParams&, int64_t, int64_t);
+template int attention_forward_splits<bfloat16_t>(const AttentionParams&, int64_t, int64_t);
 template bool rotates_k_once<float>(const AttentionParams&);
 template bool rotates_k_once<half_t>(const AttentionParams&);
 template bool rotates_k_once<bfloat16_t>(const AttentionParams&);

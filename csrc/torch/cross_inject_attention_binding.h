@@ -119,6 +119,20 @@ inline std::optional<Tensor> attach_k_rotated(AttentionParams& p, const Tensor& 
   return scratch;
 }
 
+// CUDA: the float32 scratch of a forward split over the keys (AttentionForwardParams::num_splits; `splits`:
+// cuda::attention_forward_splits), set in `p`; keep the returned tensors until the kernels are enqueued.
+inline std::optional<std::tuple<Tensor, Tensor>> attach_split_scratch(AttentionForwardParams& p, const Tensor& q,
+                                                                       int splits) {
+  if (splits <= 1) return std::nullopt;
+  const int64_t nq = q.size(0), hq = q.size(1);
+  Tensor out = new_tensor({splits, nq, hq, p.v_dim}, ScalarType::Float, q);
+  Tensor lse = new_tensor({splits, nq, hq}, ScalarType::Float, q);
+  p.num_splits = splits;
+  p.split_out = ptr<float>(out);
+  p.split_lse = ptr<float>(lse);
+  return std::make_tuple(out, lse);
+}
+
 // The backward's extra arguments: grad_out/out [Nq, Hq, Dv] of q's dtype, lse float32 [Nq, Hq] and
 // grad_lse of lse's shape. Returns grad_lse as contiguous float32 (undefined when absent).
 inline Tensor check_attention_backward_inputs(const AttentionInputs& in, const Tensor& grad_out,

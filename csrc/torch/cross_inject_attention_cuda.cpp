@@ -32,6 +32,8 @@ std::tuple<Tensor, Tensor> cross_inject_attention_cuda(
                                  check_cuda_head_dims(checked);
                                  AttentionForwardParams p = checked;
                                  const auto k_rotated = attach_k_rotated(p, k, cuda::rotates_k_once<T>(p));
+                                 const int splits = cuda::attention_forward_splits<T>(p, nq, nk);
+                                 const auto split = attach_split_scratch(p, q, splits);
                                  cuda::cross_inject_attention_forward<T>(p, nq, nk, current_stream(q));
                                });
 }

@@ -27,6 +27,8 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
                                           using T = typename decltype(tag)::type;
                                           AttentionForwardParams p = checked;
                                           const auto k_rotated = binding::attach_k_rotated(p, k, cuda::rotates_k_once<T>(p));
+                                          const auto split = binding::attach_split_scratch(
+                                              p, q, cuda::attention_forward_splits<T>(p, nq, nk));
                                           cuda::cross_inject_attention_forward<T>(p, nq, nk, nullptr);
                                         });
 }

@@ -41,6 +41,12 @@ struct AttentionParams {
 struct AttentionForwardParams : AttentionParams {
   void* out;   // [Nq, Hq, Dv], contiguous
   float* lse;  // [Nq, Hq], contiguous, natural log
+  // CUDA split over the keys (cuda::attention_forward_splits: when the query tiles cannot fill the GPU):
+  // num_splits blocks per (query tile, head) each attend to their share of the key tiles and leave their
+  // normalised output and log2-sum-exp here; a second kernel merges them into out and lse.
+  int num_splits = 1;
+  float* split_out = nullptr;  // [num_splits, Nq, Hq, Dv] float32
+  float* split_lse = nullptr;  // [num_splits, Nq, Hq] float32, base 2 (-inf: no keys in that share)
 };
 
 struct AttentionBackwardParams : AttentionParams {
@@ -89,6 +95,12 @@ inline constexpr int64_t kMaxHeadDims = 4096;  // D + Dv
 // read out of bounds); `stream` is a cudaStream_t (void* keeps CUDA headers out of this header).
 template <typename T>
 void cross_inject_attention_forward(const AttentionForwardParams& p, int64_t nq, int64_t nk, void* stream);
+// How many blocks share the keys of one (query tile, head) in the forward: 1, or up to kMaxSplits when
+// few query tiles would leave most SMs idle (the short decoder against a long compressed context of
+// SharedLLM's cross-injection). SHAREDLLM_ATTENTION_SPLITS=n forces n (tests, tuning).
+inline constexpr int kMaxSplits = 16;
+template <typename T>
+int attention_forward_splits(const AttentionParams& p, int64_t nq, int64_t nk);
 // Whether the kernels for these params use AttentionParams::k_rotated (the tensor-core path with a rotary):
 // the binding allocates the scratch only then.
 template <typename T>

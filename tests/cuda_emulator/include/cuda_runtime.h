@@ -69,7 +69,7 @@ constexpr cudaError_t cudaErrorInvalidValue = 1;
 constexpr cudaError_t cudaErrorInvalidConfiguration = 9;
 constexpr cudaError_t cudaErrorAssert = 710;  // a device-side assert (SHAREDLLM_DEVICE_FAIL)
 constexpr cudaError_t cudaErrorEmulatorFinding = 999;  // the emulator's checks found a bug (emulator_checks.h)
-enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor };
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor, cudaDevAttrMultiProcessorCount };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 
 namespace emulator {
@@ -107,7 +107,11 @@ inline const char* cudaGetErrorString(cudaError_t error) {
   }
 }
 inline cudaError_t cudaGetDevice(int* device) { return *device = 0, cudaSuccess; }
-inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) { return *value = 9, cudaSuccess; }  // sm_90
+// an H100/H200: sm_90 with 132 SMs
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  *value = attr == cudaDevAttrComputeCapabilityMajor ? 9 : 132;
+  return cudaSuccess;
+}
 template <typename F>
 cudaError_t cudaFuncSetAttribute(F kernel, cudaFuncAttribute, int bytes) {
   if (bytes < 0 || static_cast<size_t>(bytes) > emulator::kOptInSharedBytes) return cudaErrorInvalidValue;
