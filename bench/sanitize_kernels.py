@@ -16,6 +16,7 @@ slowdown to seconds.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -91,17 +92,23 @@ def attention_cases(backend, device, dtype, failures):
                 extra = dict(q_positions=torch.randint(0, 64, (sum(q_lens),), device=device, dtype=torch.int32),
                              k_positions=torch.randint(0, 64, (sum(k_lens),), device=device, dtype=torch.int32),
                              rotary_cos=angles.cos(), rotary_sin=angles.sin())
-            out = so.cross_inject_attention(q, k, v, cu_q, cu_k, backend=backend, **extra)
-            grad = torch.randn_like(out)
-            grads = torch.autograd.grad(out, (q, k, v), grad)
-            refs = [t.detach().float().requires_grad_() for t in (q, k, v)]
-            expected = reference.cross_inject_attention(*refs, cu_q, cu_k, **extra)
-            expected_grads = torch.autograd.grad(expected, refs, grad.float())
-            name = f"attention {backend} {dtype} D={head_dim} rotary={rotary}"
-            _close(name, out, expected, dtype, failures)
-            for what, got, ref in zip("qkv", grads, expected_grads):
-                _close(f"{name} d{what}", got, ref, dtype, failures)
-            cases += 1
+            # with rotary, also the forward split over the keys (3 shares, its combine kernel)
+            for splits in ("1", "3") if rotary else ("1",):
+                os.environ["SHAREDLLM_ATTENTION_SPLITS"] = splits
+                try:
+                    out = so.cross_inject_attention(q, k, v, cu_q, cu_k, backend=backend, **extra)
+                finally:
+                    del os.environ["SHAREDLLM_ATTENTION_SPLITS"]
+                grad = torch.randn_like(out)
+                grads = torch.autograd.grad(out, (q, k, v), grad)
+                refs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+                expected = reference.cross_inject_attention(*refs, cu_q, cu_k, **extra)
+                expected_grads = torch.autograd.grad(expected, refs, grad.float())
+                name = f"attention {backend} {dtype} D={head_dim} rotary={rotary} splits={splits}"
+                _close(name, out, expected, dtype, failures)
+                for what, got, ref in zip("qkv", grads, expected_grads):
+                    _close(f"{name} d{what}", got, ref, dtype, failures)
+                cases += 1
     return cases
 
 
