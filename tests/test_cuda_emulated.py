@@ -60,7 +60,7 @@ def build_emulated(name: str, ops: tuple[str, ...], extra_cflags: list[str]):
 @pytest.fixture(scope="module")
 def emulated():
     """The kernels under the checked emulator; returns their op namespace."""
-    return build_emulated("sharedllm_emulated", ("attention", "chunk_pool", "tree_topk", "faults"), CHECKED_FLAGS)
+    return build_emulated("sharedllm_emulated", ("attention", "chunk_pool", "tree_topk", "faults", "fragments"), CHECKED_FLAGS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +424,7 @@ def asan_library():
         pytest.skip("g++ has no AddressSanitizer runtime")
     name = "sharedllm_emulated_asan"
     try:  # builds, then fails to load into this process, which has no ASan runtime
-        build_emulated(name, ("attention", "chunk_pool", "tree_topk", "faults"),
+        build_emulated(name, ("attention", "chunk_pool", "tree_topk", "faults", "fragments"),
                        ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"])
     except OSError:
         pass

@@ -384,8 +384,9 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 #endif
 }
 
-// A shared-memory tile of ROWS rows x D 16-bit columns, rows padded by 8 elements so that the
-// fragment loads below hit 32 distinct banks.
+// A shared-memory tile of ROWS rows x D 16-bit columns, rows padded by 8 elements (16 bytes): the 8 rows
+// an ldmatrix phase reads (16 bytes each) then start in 8 distinct groups of 4 banks, and every row
+// address stays 16-byte aligned.
 template <int D>
 struct SmemTile {
   static constexpr int kStride = D + 8;
@@ -395,20 +396,21 @@ template <int D>
 __device__ __forceinline__ uint32_t load_pair(const uint16_t* tile, int row, int col) {  // (row, col..col+1)
   return *reinterpret_cast<const uint32_t*>(tile + row * SmemTile<D>::kStride + col);
 }
+
+// The B operands of n-tiles nt and nt + 1 at k-step kk (b[0..1] and b[2..3]), from a row-major tile whose rows
+// are the n index: one ldmatrix of rows (nt + quarter / 2) * 8 + .., columns kk * 16 + (quarter % 2) * 8.
 template <int D>
-__device__ __forceinline__ uint32_t load_column_pair(const uint16_t* tile, int row, int col) {  // (row..row+1, col)
-  return static_cast<uint32_t>(tile[row * SmemTile<D>::kStride + col]) |
-         (static_cast<uint32_t>(tile[(row + 1) * SmemTile<D>::kStride + col]) << 16);
+__device__ __forceinline__ void load_b_pairs(uint32_t (&b)[4], const uint16_t* tile, int nt, int kk, int lane) {
+  const int quarter = lane / 8;
+  ldmatrix_x4<false>(b, tile + ((nt + quarter / 2) * 8 + lane % 8) * SmemTile<D>::kStride + kk * 16 + (quarter % 2) * 8);
 }
 
-// A fragment of rows [row0, row0 + 16) x columns [col0, col0 + 16) of a row-major tile.
+// A fragment of rows [row0, row0 + 16) x columns [col0, col0 + 16) of a row-major tile: one ldmatrix of
+// its four 8x8 quarters (top left, bottom left, top right, bottom right = a[0..3]).
 template <int D>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const uint16_t* tile, int row0, int col0, int lane) {
-  const int g = lane / 4, t = lane % 4;
-  a[0] = load_pair<D>(tile, row0 + g, col0 + 2 * t);
-  a[1] = load_pair<D>(tile, row0 + g + 8, col0 + 2 * t);
-  a[2] = load_pair<D>(tile, row0 + g, col0 + 2 * t + 8);
-  a[3] = load_pair<D>(tile, row0 + g + 8, col0 + 2 * t + 8);
+  const int quarter = lane / 8;
+  ldmatrix_x4<false>(a, tile + (row0 + (quarter % 2) * 8 + lane % 8) * SmemTile<D>::kStride + col0 + (quarter / 2) * 8);
 }
 
 // Float32 accumulators (C layout) of a 16 x 16 block, as the A fragment of the next product.
@@ -440,15 +442,21 @@ __device__ __forceinline__ void mma_rows_by_tile(float (&c)[N / 8][4], const uin
 template <typename T, int D, int N>
 __device__ __forceinline__ void mma_accumulators_by_tile(float (&c)[D / 8][4], const float (&p)[N / 8][4],
                                                          const uint16_t* tile, int lane) {
-  const int g = lane / 4, t = lane % 4;
+  const int quarter = lane / 8;
 #pragma unroll
   for (int j = 0; j < N / 16; ++j) {
     uint32_t a[4];
     accumulators_as_a<T>(a, p[2 * j], p[2 * j + 1]);
 #pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt)
-      mma16816<T>(c[nt], a, load_column_pair<D>(tile, j * 16 + 2 * t, nt * 8 + g),
-                  load_column_pair<D>(tile, j * 16 + 8 + 2 * t, nt * 8 + g));
+    for (int nt = 0; nt < D / 8; nt += 2) {
+      // transposed b0, b1 of n-tiles nt and nt + 1: tile rows j * 16 + (quarter % 2) * 8 + .., columns
+      // (nt + quarter / 2) * 8
+      uint32_t b[4];
+      ldmatrix_x4<true>(b, tile + (j * 16 + (quarter % 2) * 8 + lane % 8) * SmemTile<D>::kStride +
+                               (nt + quarter / 2) * 8);
+      mma16816<T>(c[nt], a, b[0], b[1]);
+      mma16816<T>(c[nt + 1], a, b[2], b[3]);
+    }
   }
 }
 
@@ -795,11 +803,14 @@ __global__ void __launch_bounds__(kMmaThreads)
         load_a<D>(k_frag, k_tile, warp * 16, kk * 16, lane);
         load_a<D>(v_frag, v_tile, warp * 16, kk * 16, lane);
 #pragma unroll
-        for (int nt = 0; nt < kBlockM / 8; ++nt) {
-          mma16816<T>(s[nt], k_frag, load_pair<D>(q_tile, nt * 8 + g, kk * 16 + 2 * t),
-                      load_pair<D>(q_tile, nt * 8 + g, kk * 16 + 8 + 2 * t));
-          mma16816<T>(dp[nt], v_frag, load_pair<D>(go_tile, nt * 8 + g, kk * 16 + 2 * t),
-                      load_pair<D>(go_tile, nt * 8 + g, kk * 16 + 8 + 2 * t));
+        for (int nt = 0; nt < kBlockM / 8; nt += 2) {
+          uint32_t q_b[4], go_b[4];
+          load_b_pairs<D>(q_b, q_tile, nt, kk, lane);
+          load_b_pairs<D>(go_b, go_tile, nt, kk, lane);
+          mma16816<T>(s[nt], k_frag, q_b[0], q_b[1]);
+          mma16816<T>(s[nt + 1], k_frag, q_b[2], q_b[3]);
+          mma16816<T>(dp[nt], v_frag, go_b[0], go_b[1]);
+          mma16816<T>(dp[nt + 1], v_frag, go_b[2], go_b[3]);
         }
       }
 #pragma unroll

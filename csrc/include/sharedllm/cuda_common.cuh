@@ -80,6 +80,30 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 (sm_75+): four 8x8 16-bit matrices from shared memory
+// into the warp's mma fragments in one instruction. Lane l passes the address of row l % 8 of matrix
+// l / 8 (16-byte aligned); r[i] receives, of matrix i, (row l / 4, columns 2 (l % 4) .. + 1), or with
+// kTrans (rows 2 (l % 4) .. + 1, column l / 4): the A/B operand layouts of mma.m16n8k16.
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row_address) {
+#if defined(SHAREDLLM_CUDA_EMULATOR)
+  emulator::ldmatrix_x4(r, row_address, kTrans);  // tests/cuda_emulator: the PTX ISA's layout on the CPU
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row_address));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  }
+#else
+  __trap();  // the host never picks the tensor-core path below sm_80
+#endif
+}
+
 // The segment of packed row `row`: the last s with cu[s] <= row (segments may be empty).
 __device__ __forceinline__ int64_t segment_of_row(const int32_t* cu, int64_t num_segments, int64_t row) {
   int64_t lo = 0, hi = num_segments;  // answer in [lo, hi)

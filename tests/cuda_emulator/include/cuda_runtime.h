@@ -229,6 +229,31 @@ T shuffle_xor(T value, int lane_mask) {
   return other;
 }
 
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16, as the PTX ISA defines it: four 8x8 matrices of 16-bit
+// elements; lane l gives the address of row l % 8 of matrix l / 8 (16 bytes, 16-byte aligned) and reads
+// that row itself (so the race detector sees the warp's reads); register i of lane l then holds, of
+// matrix i, row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1, or with .trans rows 2 (l % 4) and
+// 2 (l % 4) + 1 of column l / 4, the first element in the low 16 bits.
+inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row, bool trans) {
+  const unsigned me = threadIdx.x, base = me & ~31u, lane = me % 32;
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+    checks::report("ldmatrix row address not 16-byte aligned (thread " + std::to_string(me) + ")");
+    trap_fiber();
+  }
+  uint32_t* mine = slot(me);
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(row);
+  for (int w = 0; w < 4; ++w) mine[w] = words[w];
+  barrier(warp_scope());
+  auto element = [&](unsigned source_lane, unsigned column) {  // of the row that lane read
+    return (slot(base + source_lane)[column / 2] >> (16 * (column % 2))) & 0xffffu;
+  };
+  const unsigned g = lane / 4, t = lane % 4;
+  for (unsigned i = 0; i < 4; ++i)
+    r[i] = trans ? element(8 * i + 2 * t, g) | (element(8 * i + 2 * t + 1, g) << 16)
+                 : element(8 * i + g, 2 * t) | (element(8 * i + g, 2 * t + 1) << 16);
+  barrier(warp_scope());
+}
+
 inline float half_bits_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu;
   uint32_t mant = h & 0x3ffu;
