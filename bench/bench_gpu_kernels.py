@@ -1,11 +1,11 @@
 """The GPU kernels (Triton, and CUDA where this build has it) against their PyTorch peers and the
 roofline, on one GPU. Skipped without CUDA; ``bench/gpu_check.sh`` runs it.
 
-Timing: ``triton.testing.do_bench`` medians (``timed(..., gpu_timer=...)`` in ``bench/conftest.py``):
-memory-bound ops with the L2 cache flushed before every call (and inputs larger than L2, 50 MB on an
-H200), attention forwards that need no host synchronisation (the CUDA kernels, the torch peers)
-replayed from a CUDA graph, the rest (Triton, whose attention builds its tile table on the host;
-backward passes) with ``do_bench``'s L2 flush. SDPA is pinned to its flash backend
+Timing: ``triton.testing.do_bench`` medians (``timed(..., gpu_timer=...)`` in ``bench/conftest.py``),
+with the L2 cache flushed before every call (memory-bound inputs are also larger than L2, 50 MB on an
+H200), the same timer for every row of a group; the attention forwards that need no host
+synchronisation (the CUDA kernels, the torch peers; not Triton's, which builds its tile table on the
+host) also get their median over CUDA-graph replays (``median_graph_s``). SDPA is pinned to its flash backend
 (``sdpa_kernel(SDPBackend.FLASH_ATTENTION)``, FlashAttention-2); the report gives TFLOP/s and GB/s
 against the matmul and copy peaks measured in the same run.
 
@@ -18,7 +18,8 @@ against the matmul and copy peaks measured in the same run.
   contexts: 117 MB, more than L2). Peer: ``torch_read``, one reduction over ``node_emb`` (the issue's
   bound: 2x of reading it once), and the reference.
 * ``cross_inject_attention``: bf16, 32 query heads, 8 KV heads, head dim 128, 4096 queries against
-  2K..128K pooled keys, plain (inputs already rotated) and with the fused rotary. Peers:
+  2K..128K pooled keys, and 64 queries against 128K (the forward splits the keys), plain (inputs
+  already rotated) and with the fused rotary. Peers:
   ``torch_sdpa`` (SDPA flash on pre-rotated inputs) and, with rotary, ``torch_unfused`` (rotary in
   PyTorch, then SDPA flash).
 """
@@ -137,9 +138,18 @@ def test_tree_topk_gpu(timed, backend):
 # ---------------------------------------------------------------------------------------------
 # cross_inject_attention
 
-KEY_LENGTHS = (2048, 16384, 131072)
-# the timer of each attention backend: CUDA-graph replays where a call never synchronises with the host
-ATTENTION_TIMER = {"torch_sdpa": "graph", "torch_unfused": "graph", "cuda": "graph", "triton": "flush_l2"}
+# (queries, keys): a 4096-token decoder window against growing compressed contexts, and a short decoder
+# against a long one (too few query tiles to fill the GPU: the forward splits the keys)
+ATTENTION_SHAPES = ((4096, 2048), (4096, 16384), (4096, 131072), (64, 131072))
+# every attention row is timed with do_bench's L2 flush (the same timer for every peer of a group); the
+# backends without host synchronisation also get their CUDA-graph median (extra_info median_graph_s)
+GRAPH_CAPABLE = ("torch_sdpa", "torch_unfused", "cuda")
+
+
+@functools.lru_cache(maxsize=2)
+def attention_case(queries: int, keys: int):
+    """The inputs of one shape, drawn once for all its rows (128K keys take seconds to draw on the host)."""
+    return attention_inputs([queries], [keys], dtype=torch.bfloat16, device="cuda")
 
 
 def _pre_rotated(inp):
@@ -206,23 +216,24 @@ def _attention_info(inp, rotary: bool, flops: int, pass_: str) -> dict:
 
 @pytest.mark.parametrize("backend", ["torch_sdpa", "torch_unfused"] + gpu_backends("cross_inject_attention"))
 @pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
-@pytest.mark.parametrize("keys", KEY_LENGTHS)
-def test_attention_forward_gpu(timed, keys, rotary, backend):
+@pytest.mark.parametrize("queries,keys", ATTENTION_SHAPES, ids=[f"{q}x{k}" for q, k in ATTENTION_SHAPES])
+def test_attention_forward_gpu(timed, queries, keys, rotary, backend):
     if backend == "torch_unfused" and not rotary:
         pytest.skip("without rotary the unfused peer is torch_sdpa")
-    inp = attention_inputs([4096], [keys], dtype=torch.bfloat16, device="cuda")
+    inp = attention_case(queries, keys)
     timed(_attention_fn(backend, inp, rotary),
-          group=f"cross_inject_attention forward gpu 4096x{keys} {'rotary' if rotary else 'plain'}",
+          group=f"cross_inject_attention forward gpu {queries}x{keys} {'rotary' if rotary else 'plain'}",
           backend=backend, info=_attention_info(inp, rotary, inp.forward_flops(), "forward"),
-          gpu_timer=ATTENTION_TIMER[backend])
+          gpu_timer="flush_l2", graph_too=backend in GRAPH_CAPABLE)
 
 
 @pytest.mark.parametrize("backend", ["torch_sdpa"] + gpu_backends("cross_inject_attention"))
-@pytest.mark.parametrize("keys", KEY_LENGTHS[:2])
-def test_attention_backward_gpu(timed, keys, backend):
+@pytest.mark.parametrize("queries,keys", ATTENTION_SHAPES[:2], ids=[f"{q}x{k}" for q, k in ATTENTION_SHAPES[:2]])
+def test_attention_backward_gpu(timed, queries, keys, backend):
     """The backward alone (plain: inputs already rotated): the forward runs once, the timed call re-runs
-    autograd on its graph."""
-    inp = attention_inputs([4096], [keys], dtype=torch.bfloat16, device="cuda")
+    autograd on its graph. (Where SDPA's flash backend has no native GQA, its K/V expansion and the
+    reduction of their gradients are in SDPA's timing.)"""
+    inp = attention_case(queries, keys)
     q, k = _pre_rotated(inp)
     leaves = [t.detach().requires_grad_(True) for t in (q, k, inp.v)]
     if backend == "torch_sdpa":
@@ -232,5 +243,5 @@ def test_attention_backward_gpu(timed, keys, backend):
         out = _attention_fn(backend, inp, False, *leaves)()
     grad = torch.randn_like(out)
     timed(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True),
-          group=f"cross_inject_attention backward gpu 4096x{keys} plain", backend=backend,
+          group=f"cross_inject_attention backward gpu {queries}x{keys} plain", backend=backend,
           info=_attention_info(inp, False, int(2.5 * inp.forward_flops()), "backward"), gpu_timer="flush_l2")

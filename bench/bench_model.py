@@ -248,7 +248,7 @@ def run_case(suite: Suite, context: int, backend: str, timed, benchmark, session
         extra["process_cpu_s"] = round(peak["process_cpu_s"], 3)
     if stats:  # the wrapper's context path in the last call: sizes and stage seconds
         extra["context_path"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()}
-    median = session_medians.get((group, backend))
+    median = session_medians.get((group, backend), (None, None))[0]
     if median is not None:
         suite.medians[(context, backend)] = (median, peak["bytes"])
     if backend == "sharedllm" and median is not None:

@@ -34,7 +34,8 @@ ROOFLINE = {"copy": "bytes", "matmul": "flops"}  # roofline rows: the measured p
 def median_of(bench: dict) -> float:
     """The row's median: the GPU timer's (``triton.testing.do_bench``, with an L2 flush or over CUDA-graph
     replays, see ``bench/conftest.py``) where it ran, else pytest-benchmark's."""
-    return bench["extra_info"].get("median_s", bench["stats"]["median"])
+    info = bench["extra_info"]
+    return info["median_s"] if "median_s" in info else bench["stats"]["median"]
 
 
 def measured_peaks(data: dict) -> dict:

@@ -1,7 +1,7 @@
 """The fragment layouts the tensor-core kernels rely on, checked against the PTX ISA rather than against
 the emulator's own code: ``ldmatrix.sync.aligned.m8n8.x4{,.trans}.shared.b16`` run by the emulated
-``ldmatrix_x4`` of ``sharedllm/cuda_common.cuh`` on four 8x8 matrices whose element (r, c) of matrix i is
-``64 i + 8 r + c``.
+``ldmatrix_x4`` of ``sharedllm/cuda_common.cuh`` on a 32-row tile whose element (R, c) is ``8 R + c``,
+lane l passing the address of tile row ``(5 l + 3) % 32``.
 
 The specification (PTX ISA, "Warp-level matrix load instruction: ldmatrix"): with ``.x4``, threads
 8i..8i+7 give the addresses of rows 0..7 of matrix i; each thread receives one 32-bit register per
@@ -18,8 +18,13 @@ import torch
 from test_cuda_emulated import emulated  # noqa: F401  (the emulated build, a fixture)
 
 
+def row_of_lane(lane: int) -> int:
+    return (5 * lane + 3) % 32  # the tile row lane `lane` gives the address of (harness_fragments.cpp)
+
+
 def element(matrix: int, row: int, col: int) -> int:
-    return 64 * matrix + 8 * row + col
+    """Element (row, col) of matrix i: row `row` of matrix i is the row whose address lane 8 i + row gave."""
+    return 8 * row_of_lane(8 * matrix + row) + col
 
 
 def expected_registers(trans: bool) -> torch.Tensor:

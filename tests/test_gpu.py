@@ -312,6 +312,25 @@ def test_attention_cuda_graph_capture_and_bad_inputs(monkeypatch):
         so.cross_inject_attention(q, k, v, cq, ck, backend="cuda", **{**extra, "k_positions": extra["k_positions"] + 5000})
 
 
+@pytest.mark.parametrize("splits", ["3", None], ids=["forced-3", "heuristic"])
+def test_attention_split_over_the_keys_under_graph_capture(monkeypatch, splits):
+    """The forward split over the keys (its shares and its combine kernel) captured in a CUDA graph: a short
+    decoder against long keys (the heuristic splits it), or 3 shares forced."""
+    if not so._ext.compiled_kernels["cross_inject_attention"]["cuda"]:
+        pytest.skip("this build has no CUDA kernel for cross_inject_attention")
+    if splits:
+        monkeypatch.setenv("SHAREDLLM_ATTENTION_SPLITS", splits)
+    q, k, v, cq, ck, extra = _attention_inputs([40, 0, 24], [9000, 70, 0], 8, 2, 128, torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="cuda", **extra)
+    k.copy_(torch.randn_like(k))
+    graph.replay()
+    ref, ref_lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="reference", **extra)
+    assert_close(out, ref, ATTN_TOL[torch.bfloat16])
+    torch.testing.assert_close(lse, ref_lse, **LSE_TOL_16BIT)
+
+
 def test_the_cuda_path_never_synchronises_and_checks_indices_on_the_device(monkeypatch):
     """No host synchronisation in the forward and backward of either op by default (PyTorch's sync debug mode
     warns on any, e.g. a copy of the index tensors to the host), and there is one with SHAREDLLM_HOST_CHECKS=1."""

@@ -580,11 +580,10 @@ __global__ void __launch_bounds__(kMmaThreads) attention_forward_mma(AttentionFo
   const int64_t head = blockIdx.y, kv_head = head / (p.num_q_heads / p.num_kv_heads);
   const auto [q_begin, q_end, seq_k_begin, seq_k_end] = sequence_bounds(p, seq, nq, nk);
   const RotaryParams& r = p.rotary;
-  // with a split over the keys, block z takes the z-th share of the sequence's key tiles (maybe none)
-  const int64_t key_tiles = (seq_k_end - seq_k_begin + kBlockN - 1) / kBlockN;
-  const int64_t share = (key_tiles + p.num_splits - 1) / p.num_splits * kBlockN;
-  const int64_t k_begin = min(seq_k_end, seq_k_begin + static_cast<int64_t>(blockIdx.z) * share);
-  const int64_t k_end = min(seq_k_end, k_begin + share);
+  // with a split over the keys, block z takes key tiles [z T / S, (z + 1) T / S) of the sequence's T (maybe none)
+  const int64_t key_tiles = (seq_k_end - seq_k_begin + kBlockN - 1) / kBlockN, z = blockIdx.z;
+  const int64_t k_begin = min(seq_k_end, seq_k_begin + z * key_tiles / p.num_splits * kBlockN);
+  const int64_t k_end = min(seq_k_end, seq_k_begin + (z + 1) * key_tiles / p.num_splits * kBlockN);
 
   load_tile<T, D, kBlockM>(k_tile, static_cast<const T*>(p.q) + head * p.q_head_stride, p.q_row_stride, q_first,
                            q_end, r.q_positions, r);
@@ -883,7 +882,8 @@ GeneralLaunch general_launch(int64_t items, int64_t floats_per_warp) {
 }
 
 unsigned tile_blocks(int64_t rows, int64_t batch, int64_t rows_per_tile) {
-  return static_cast<unsigned>((rows + rows_per_tile - 1) / rows_per_tile + batch);  // >= the real tile count
+  // >= the real tile count, the sum of ceil(length / rows_per_tile) over the sequences; exact for one
+  return static_cast<unsigned>((rows + (rows_per_tile - 1) * batch) / rows_per_tile);
 }
 
 template <typename T, int D>

@@ -11,17 +11,17 @@ namespace sharedllm::cuda::fragments {  // the namespace emulator_checks.h looks
 
 constexpr int kStride = 16;  // elements per tile row: 8 of the matrix, 8 of padding (rows stay 16-byte aligned)
 
-// One warp: four 8x8 matrices, element (row r, column c) of matrix i = 64 i + 8 r + c, loaded with one
-// ldmatrix.x4; out[lane][i] = register i of that lane.
+// One warp, one ldmatrix.x4 over a 32-row tile whose element (row R, column c) is 8 R + c; lane l passes
+// tile row (5 l + 3) % 32, so the rows each lane receives depend on the other lanes' addresses.
+// out[lane][i] = register i of that lane.
 template <bool kTrans>
 __global__ void load_four_matrices(int32_t* out) {
-  __shared__ __align__(16) uint16_t tile[4 * 8 * kStride];
-  for (int e = threadIdx.x; e < 4 * 8 * 8; e += blockDim.x)
-    tile[(e / 8) * kStride + e % 8] = static_cast<uint16_t>(e);  // e = 64 i + 8 r + c: row 8 i + r of the tile
+  __shared__ __align__(16) uint16_t tile[32 * kStride];
+  for (int e = threadIdx.x; e < 32 * 8; e += blockDim.x) tile[(e / 8) * kStride + e % 8] = static_cast<uint16_t>(e);
   __syncthreads();
   const int lane = threadIdx.x;
   uint32_t r[4];
-  ldmatrix_x4<kTrans>(r, tile + lane * kStride);  // lane l: row l % 8 of matrix l / 8 = tile row l
+  ldmatrix_x4<kTrans>(r, tile + ((5 * lane + 3) % 32) * kStride);
   for (int i = 0; i < 4; ++i) out[lane * 4 + i] = static_cast<int32_t>(r[i]);
 }
 

@@ -109,8 +109,11 @@ inline const char* cudaGetErrorString(cudaError_t error) {
 inline cudaError_t cudaGetDevice(int* device) { return *device = 0, cudaSuccess; }
 // an H100/H200: sm_90 with 132 SMs
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrComputeCapabilityMajor ? 9 : 132;
-  return cudaSuccess;
+  switch (attr) {
+    case cudaDevAttrComputeCapabilityMajor: return *value = 9, cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: return *value = 132, cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
 }
 template <typename F>
 cudaError_t cudaFuncSetAttribute(F kernel, cudaFuncAttribute, int bytes) {
