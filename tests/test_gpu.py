@@ -291,10 +291,10 @@ def test_attention_gpu_backward_with_misaligned_grad_out(backend):
         assert_close(a, b, grad_tol(torch.bfloat16, float(b.abs().max())), msg=f"d{name}")
 
 
-def test_attention_cuda_graph_capture_and_bad_inputs(monkeypatch):
-    if not so._ext.compiled_kernels["cross_inject_attention"]["cuda"]:
-        pytest.skip("this build has no CUDA kernel for cross_inject_attention")
-    q, k, v, cq, ck, extra = _attention_inputs([70, 0, 5], [130, 3, 0], 8, 2, 128, torch.bfloat16)
+def _check_graph_replay(lq, lk):
+    """The CUDA forward captured in a graph, replayed after k changed: the reference's out and lse on the new
+    k. Returns the inputs."""
+    q, k, v, cq, ck, extra = _attention_inputs(lq, lk, 8, 2, 128, torch.bfloat16)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out, lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="cuda", **extra)
@@ -303,6 +303,13 @@ def test_attention_cuda_graph_capture_and_bad_inputs(monkeypatch):
     ref, ref_lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="reference", **extra)
     assert_close(out, ref, ATTN_TOL[torch.bfloat16])  # the replay saw the new k
     torch.testing.assert_close(lse, ref_lse, **LSE_TOL_16BIT)
+    return q, k, v, cq, ck, extra
+
+
+def test_attention_cuda_graph_capture_and_bad_inputs(monkeypatch):
+    if not so._ext.compiled_kernels["cross_inject_attention"]["cuda"]:
+        pytest.skip("this build has no CUDA kernel for cross_inject_attention")
+    q, k, v, cq, ck, extra = _check_graph_replay([70, 0, 5], [130, 3, 0])
     with pytest.raises(ValueError, match="cu_seqlens_q.*device"):
         so.cross_inject_attention(q, k, v, cq.cpu(), ck, backend="cuda", **extra)
     monkeypatch.setenv("SHAREDLLM_HOST_CHECKS", "1")  # values on the host: a ValueError, not a device assert
@@ -320,15 +327,7 @@ def test_attention_split_over_the_keys_under_graph_capture(monkeypatch, splits):
         pytest.skip("this build has no CUDA kernel for cross_inject_attention")
     if splits:
         monkeypatch.setenv("SHAREDLLM_ATTENTION_SPLITS", splits)
-    q, k, v, cq, ck, extra = _attention_inputs([40, 0, 24], [9000, 70, 0], 8, 2, 128, torch.bfloat16)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="cuda", **extra)
-    k.copy_(torch.randn_like(k))
-    graph.replay()
-    ref, ref_lse = so.cross_inject_attention(q, k, v, cq, ck, return_lse=True, backend="reference", **extra)
-    assert_close(out, ref, ATTN_TOL[torch.bfloat16])
-    torch.testing.assert_close(lse, ref_lse, **LSE_TOL_16BIT)
+    _check_graph_replay([40, 0, 24], [9000, 70, 0])
 
 
 def test_the_cuda_path_never_synchronises_and_checks_indices_on_the_device(monkeypatch):
