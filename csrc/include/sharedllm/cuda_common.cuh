@@ -5,7 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cassert>  // assert; nvcc declares the device __assert_fail behind SHAREDLLM_DEVICE_FAIL whatever NDEBUG says
+#include <cassert>  // assert.h first: the declaration of __assert_fail below must follow glibc's
 #include <cstdint>
 #include <initializer_list>
 #include <stdexcept>
@@ -133,6 +133,9 @@ __device__ __forceinline__ int64_t segment_of_row(const int32_t* cu, int64_t num
 // synchronisation and the CUDA context is unusable afterwards. Unlike `assert`, NDEBUG never removes it.
 // (The CPU emulator of tests/cuda_emulator defines its own, which fails the launch with the message.)
 #ifndef SHAREDLLM_DEVICE_FAIL
+// declared here too: with NDEBUG (CMake's Release builds) neither glibc's <assert.h> nor CUDA's headers
+// declare it, and nvcc still lowers it to the device's __assertfail
+extern "C" __host__ __device__ void __assert_fail(const char*, const char*, unsigned int, const char*) __THROW;
 #define SHAREDLLM_DEVICE_FAIL(message) __assert_fail(message, __FILE__, __LINE__, __func__)
 #endif
 
