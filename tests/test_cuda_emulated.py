@@ -143,9 +143,12 @@ def test_attention_forward_backward_match_reference(emulated, dtype, d, dv, hq, 
 SPLIT_LENGTHS = ([70, 0, 5, 1, 3], [300, 3, 0, 200, 65])  # 5 and 4 key tiles, one, none, a query-less sequence
 
 
-@pytest.mark.parametrize("splits", [None, "2", "3", "16"], ids=["default", "2", "3", "16"])
-@pytest.mark.parametrize("dtype,d,hq,hk,rotary", [(torch.bfloat16, 64, 4, 2, True), (torch.float16, 128, 2, 1, False)],
-                         ids=["bf16-d64-rotary", "fp16-d128"])
+@pytest.mark.parametrize("splits,dtype,d,hq,hk,rotary", [
+    pytest.param(None, torch.bfloat16, 64, 4, 2, True, id="default-bf16-d64-rotary"),
+    pytest.param("3", torch.bfloat16, 64, 4, 2, True, id="3-bf16-d64-rotary"),
+    pytest.param("16", torch.bfloat16, 64, 4, 2, True, id="16-bf16-d64-rotary"),
+    pytest.param("2", torch.float16, 128, 2, 1, False, id="2-fp16-d128"),
+])
 def test_attention_forward_split_over_the_keys(emulated, monkeypatch, splits, dtype, d, hq, hk, rotary):
     """SHAREDLLM_ATTENTION_SPLITS=n: n blocks per (query tile, head) share the key tiles (shares without keys
     included: a sequence with none, sequences with fewer tiles than shares), merged by combine_splits into
