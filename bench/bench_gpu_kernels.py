@@ -176,11 +176,18 @@ def flash_takes_gqa(device: str = "cuda") -> bool:
         return False
 
 
+def kv_for_flash(q, k, v):
+    """k and v (``[1, H, N, D]``) as SDPA's flash backend takes them: as they are where it has native GQA
+    (or there is no grouping), else repeated to the query heads."""
+    if k.shape[1] == q.shape[1] or flash_takes_gqa(q.device.type):
+        return k, v
+    group = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+
+
 def sdpa_flash(q, k, v, scale):
     """SDPA pinned to FlashAttention-2 on ``[1, H, N, D]`` tensors (GQA native or expanded, see above)."""
-    if k.shape[1] != q.shape[1] and not flash_takes_gqa(q.device.type):
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    k, v = kv_for_flash(q, k, v)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
@@ -193,10 +200,8 @@ def _attention_fn(backend, inp, rotary: bool, q=None, k=None, v=None):
     if backend == "torch_sdpa" or (not rotary and backend != "torch_unfused"):
         q, k = _pre_rotated(inp) if q is inp.q else (q, k)
     if backend == "torch_sdpa":
-        qh, kh, vh = _heads_first(q), _heads_first(k), _heads_first(v)
-        if not flash_takes_gqa(qh.device.type):  # expanded once, outside the timing
-            group = qh.shape[1] // kh.shape[1]
-            kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
+        qh = _heads_first(q)
+        kh, vh = kv_for_flash(qh, _heads_first(k), _heads_first(v))  # expanded once, outside the timing
         return lambda: sdpa_flash(qh, kh, vh, inp.scale)
     if backend == "torch_unfused":
         def unfused():
