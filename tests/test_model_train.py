@@ -206,6 +206,8 @@ def test_distillation_adds_the_weighted_kl_to_the_loss(data_dir, tmp_path):
     (dict(distill_weight=True), "distill_weight"), (dict(distill_context_tokens=-1), "distill_context_tokens"),
     (dict(distill_weight=1.0, trainable="cross+top"), "trainable='cross'"),
     (dict(distill_weight=1.0, decoder_tokens=1), "decoder_tokens >= 2"),
+    (dict(copy_fraction=1.5), "copy_fraction"), (dict(copy_fraction=True), "copy_fraction"),
+    (dict(copy_tokens=8), "copy_tokens"),
 ])
 def test_bad_distillation_settings_are_rejected(data_dir, tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
@@ -331,6 +333,40 @@ def test_draw_batch_rows_do_not_depend_on_the_world_size(monkeypatch):
     no_context = dataclasses.replace(cfg, context_tokens=0, min_context_tokens=0)
     context, lengths, _, _ = T.draw_batch(stream, no_context, 0, 0, 0)
     assert context.shape == (6, 1) and not lengths.any()
+
+
+def test_copy_samples_repeat_a_span_of_their_own_context(monkeypatch):
+    """``copy_fraction``: that share of the samples has one run of ``16..copy_tokens`` decoder tokens taken
+    verbatim from anywhere in its own context; the rest of the decoder, the context and the other samples
+    are the plain draw's, on any world size."""
+    stream = torch.arange(100_000)  # token k at position k: a copied run is recognisable
+    plain = T.TrainConfig(context_tokens=300, min_context_tokens=20, decoder_tokens=64, batch_size=40, seed=5)
+    cfg = dataclasses.replace(plain, copy_fraction=0.5, copy_tokens=48)
+    context, lengths, decoder, seeds = T.draw_batch(stream, cfg, 3, 0, 0)
+    ref = T.draw_batch(stream, plain, 3, 0, 0)
+    assert torch.equal(context, ref[0]) and torch.equal(lengths, ref[1]) and torch.equal(seeds, ref[3])
+    copied = 0
+    for i in range(40):
+        changed = (decoder[i] != ref[2][i]).nonzero().flatten()
+        if changed.numel() == 0:
+            continue
+        copied += 1
+        n = int(lengths[i])
+        # one contiguous run of consecutive tokens, inside this sample's context
+        first, last = int(changed[0]), int(changed[-1])
+        run = decoder[i, first : last + 1]
+        assert torch.equal(run, torch.arange(int(run[0]), int(run[0]) + run.numel())), i
+        start = int(context[i, 0])
+        assert start <= int(run[0]) and int(run[-1]) < start + n, (i, n)
+        assert run.numel() <= min(cfg.copy_tokens, n)
+    assert 10 <= copied <= 30, copied  # about half of 40 (a copied span can equal the tokens it replaces: never here)
+    with monkeypatch.context() as m:  # as under torchrun with 2 processes: each rank its rows of the same batch
+        m.setattr(torch.distributed, "is_initialized", lambda: True)
+        m.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
+        half = dataclasses.replace(cfg, batch_size=20)
+        assert torch.equal(T.draw_batch(stream, half, 3, 0, 1)[2], decoder[20:])
+    every = T.draw_batch(stream, dataclasses.replace(cfg, copy_fraction=1.0), 3, 0, 0)[2]
+    assert all(not torch.equal(every[i], ref[2][i]) for i in range(40) if lengths[i] >= T.MIN_COPY)
 
 
 def test_lr_factor_warms_up_then_decays_to_a_tenth():

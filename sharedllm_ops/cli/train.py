@@ -15,7 +15,8 @@ HELP = "train SharedLLM's cross blocks on text (continual pre-training)"
 CONFIG_OPTIONS = (("steps", int), ("batch-size", int), ("grad-accum", int), ("lr", float), ("warmup", int),
                   ("weight-decay", float), ("context-tokens", int), ("min-context-tokens", int),
                   ("decoder-tokens", int), ("top-layers", int), ("seed", int), ("save-every", int),
-                  ("distill-weight", float), ("distill-context-tokens", int))
+                  ("distill-weight", float), ("distill-context-tokens", int), ("copy-fraction", float),
+                  ("copy-tokens", int))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -40,6 +40,7 @@ from .text import site_packages_files, training_files
 
 STATE_NAME = "trainer_state.pt"
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
+MIN_COPY = 16  # shortest copied span of a copy sample
 
 
 @dataclass
@@ -76,6 +77,10 @@ class TrainConfig:
     # base model with full attention over the last distill_context_tokens context tokens and the decoder tokens
     distill_weight: float = 0.0
     distill_context_tokens: int = 3584
+    # copy training: in this share of the samples a span of 16..copy_tokens context tokens is written over the
+    # decoder at a random place, so that predicting it needs the context's detail, not its gist
+    copy_fraction: float = 0.0
+    copy_tokens: int = 128
     sharedllm: dict = field(default_factory=lambda: dict(
         num_injected_layers=4, chunk_size=1024, tree_depth=3, tokens_per_node=32, split_noise_std=0.2,
         injection="residual", positions="chunk", cross_init="copy_zero"))
@@ -100,6 +105,11 @@ class TrainConfig:
             raise ValueError(f"distillation needs decoder_tokens >= 2 (a next token to predict), got {self.decoder_tokens}")
         if not isinstance(self.distill_context_tokens, int) or self.distill_context_tokens < 0:
             raise ValueError(f"TrainConfig.distill_context_tokens must be an int >= 0, got {self.distill_context_tokens!r}")
+        if isinstance(self.copy_fraction, bool) or not isinstance(self.copy_fraction, (int, float)) \
+                or not 0 <= self.copy_fraction <= 1:
+            raise ValueError(f"TrainConfig.copy_fraction must be a float in [0, 1], got {self.copy_fraction!r}")
+        if isinstance(self.copy_tokens, bool) or not isinstance(self.copy_tokens, int) or self.copy_tokens < MIN_COPY:
+            raise ValueError(f"TrainConfig.copy_tokens must be an int >= {MIN_COPY}, got {self.copy_tokens!r}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
 
@@ -170,9 +180,31 @@ def draw_batch(stream: torch.Tensor, cfg: TrainConfig, step: int, micro: int, ra
         first = s + cfg.context_tokens - n
         context[i, :n] = stream[first : first + n]
         decoder[i] = stream[s + cfg.context_tokens : s + span]
+    if cfg.copy_fraction > 0:
+        copy_key = int.from_bytes(digest[8:16], "little") >> 2  # its own stream: runs without copies are unchanged
+        copy_spans(context, lengths, decoder, cfg, copy_key, world_rows, rows)
     # one split-noise seed per sample of the global batch: its noise is the same on any rank
     seeds = (sample_key + torch.arange(world_rows)) % 2**62
     return context, lengths, decoder, seeds[rows]
+
+
+def copy_spans(context, lengths, decoder, cfg: TrainConfig, key: int, world_rows: int, rows: slice) -> None:
+    """Copy training, in place: in a ``cfg.copy_fraction`` share of the global batch's samples (drawn from
+    ``key``), a span of ``MIN_COPY..copy_tokens`` tokens from anywhere in the sample's context overwrites the
+    decoder at a random offset. Retrieval then has something exact to find, as with the needles and copy
+    warm-ups that taught published compressors to keep detail (research notes, issue 16)."""
+    g = torch.Generator().manual_seed(key)
+    chosen = torch.rand(world_rows, generator=g) < cfg.copy_fraction
+    span = torch.randint(MIN_COPY, cfg.copy_tokens + 1, (world_rows,), generator=g)
+    source, target = torch.rand(world_rows, generator=g), torch.rand(world_rows, generator=g)
+    for i, (copy, n, src, dst) in enumerate(zip(chosen[rows].tolist(), span[rows].tolist(), source[rows].tolist(),
+                                                target[rows].tolist())):
+        n = min(n, int(lengths[i]), decoder.shape[1])
+        if not copy or n < MIN_COPY:
+            continue
+        first = int(src * (int(lengths[i]) - n + 1))
+        at = int(dst * (decoder.shape[1] - n + 1))
+        decoder[i, at : at + n] = context[i, first : first + n]
 
 
 @torch.no_grad()
