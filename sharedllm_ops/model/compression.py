@@ -140,7 +140,8 @@ class ContextCompressor:
     # retrieval
 
     def retrieval_query(self, query_ids, query_mask, context_lengths):
-        """``[B, hidden]``: the last query token after one upper layer and the final norm."""
+        """``[B, hidden]``: the mean of the last ``retrieval_query_tokens`` query tokens after one upper
+        layer and the final norm (zeros for an empty query)."""
         if query_mask is None:
             query_mask = torch.ones_like(query_ids)
         keep = query_mask.bool()
@@ -152,12 +153,15 @@ class ContextCompressor:
             positions = positions + context_lengths[:, None]
         hidden, _ = self.encode_packed(query_ids[keep], positions[keep], cu, self.decoder.layers[:1])
         hidden = self.decoder.norm(hidden)
-        last = torch.clamp(cu[1:].long() - 1, min=0)
-        query = hidden[last] if hidden.shape[0] else hidden.new_zeros(counts.numel(), hidden.shape[-1])
-        return torch.where((counts > 0)[:, None], query, 0.0)
+        row = torch.repeat_interleave(torch.arange(counts.numel(), device=hidden.device), counts)
+        from_end = cu[1:].long()[row] - 1 - torch.arange(hidden.shape[0], device=hidden.device)
+        used = from_end < self.config.retrieval_query_tokens
+        sums = hidden.new_zeros(counts.numel(), hidden.shape[-1]).index_add_(0, row[used], hidden[used])
+        return sums / counts.clamp(min=1, max=self.config.retrieval_query_tokens)[:, None].to(sums.dtype)
 
     def node_embeddings(self, tokens: ContextTokens, row, start, length):
-        """``[n, k, hidden]``: nodes encoded in isolation by one lower layer, their last token, normed.
+        """``[n, k, hidden]``: nodes encoded in isolation by one lower layer, normed: their last token
+        (``retrieval_node_embedding="last"``) or the mean over their tokens (``"mean"``).
 
         ``row`` ``[n]``: the sequence of each of ``n`` chunks; ``start``, ``length`` ``[n, k]``: its
         nodes' spans in the sequence."""
@@ -165,8 +169,14 @@ class ContextCompressor:
         positions = packed.offset
         if self.config.positions == "true":
             positions = positions + start.flatten()[packed.segment]
-        hidden = self.last_token_states(tokens.ids.reshape(-1)[packed.index], positions, packed.cu_seqlens, self.lower[0])
-        return self.decoder.norm(hidden).view(*start.shape, -1)
+        ids = tokens.ids.reshape(-1)[packed.index]
+        if self.config.retrieval_node_embedding == "last":
+            hidden = self.last_token_states(ids, positions, packed.cu_seqlens, self.lower[0])
+            return self.decoder.norm(hidden).view(*start.shape, -1)
+        hidden, _ = self.encode_packed(ids, positions, packed.cu_seqlens, self.lower[:1])
+        hidden = self.decoder.norm(hidden)
+        sums = hidden.new_zeros(packed.lengths.numel(), hidden.shape[-1]).index_add_(0, packed.segment, hidden)
+        return (sums / packed.lengths.clamp(min=1)[:, None].to(sums.dtype)).view(*start.shape, -1)
 
     # ------------------------------------------------------------------------------------------
     # the whole path
@@ -190,6 +200,8 @@ class ContextCompressor:
         if into is None:
             tokens, reopened = context_tokens(context_input_ids, lengths, cfg.chunk_size)
         else:
+            if cfg.anchor_tokens:  # the anchor is the context's start, which a grown context no longer holds
+                raise ValueError("compress_context(into=...) does not support SharedLLMConfig.anchor_tokens > 0 yet")
             check_into(into, B, self.device, cfg)
             tokens, reopened = context_tokens(context_input_ids, lengths, cfg.chunk_size, into.context_lengths,
                                               into.tail_input_ids)
@@ -289,10 +301,8 @@ class ContextCompressor:
         timer.stage("retrieve")
 
         packed = pack_segments(tokens.flat_index(nodes.row, nodes.start), nodes.length)
-        positions = packed.offset if cfg.positions != "true" else nodes.start[packed.segment] + packed.offset
         M = cfg.num_injected_layers
-        _, kv = self.encode_packed(tokens.ids.reshape(-1)[packed.index], positions, packed.cu_seqlens, self.lower,
-                                   capture_layers=range(M), stop_after=M - 1)
+        kv, positions = self.encode_nodes(tokens, nodes, packed, M)
         timer.stage("encode")
 
         keys, values = [], []
@@ -314,6 +324,38 @@ class ContextCompressor:
             values.append(v)
         timer.stage("pool")
         return nodes, keys, values
+
+
+    def encode_nodes(self, tokens: ContextTokens, nodes, packed, M: int):
+        """The lower pass over every preserved node, each encoded alone: ``({layer: (k, v)}, positions)``,
+        one row per token of ``packed`` (the nodes' tokens, packed) for layers ``0..M-1``, and the
+        positions the tokens were encoded at.
+
+        With ``anchor_tokens = a``, a node that does not start its context is encoded behind the
+        context's first ``min(a, start)`` tokens, whose rows are then dropped (the anchor of Star
+        Attention, arXiv 2411.17116): the anchor takes the attention-sink role that the node's own
+        first token would otherwise take, and no token of the node is lost."""
+        cfg = self.config
+        flat = tokens.ids.reshape(-1)
+        if not cfg.anchor_tokens:
+            positions = packed.offset if cfg.positions != "true" else nodes.start[packed.segment] + packed.offset
+            _, kv = self.encode_packed(flat[packed.index], positions, packed.cu_seqlens, self.lower,
+                                       capture_layers=range(M), stop_after=M - 1)
+            return kv, positions
+        anchor = nodes.start.clamp(max=cfg.anchor_tokens)
+        full = pack_segments(tokens.flat_index(nodes.row, torch.zeros_like(nodes.start)), anchor + nodes.length)
+        seg, offset = full.segment, full.offset
+        in_anchor = offset < anchor[seg]
+        node_offset = offset - anchor[seg]  # position of a node token within its node
+        index = torch.where(in_anchor, full.index, tokens.flat_index(nodes.row, nodes.start)[seg] + node_offset)
+        if cfg.positions == "true":
+            positions = torch.where(in_anchor, offset, nodes.start[seg] + node_offset)
+        else:
+            positions = offset
+        _, kv = self.encode_packed(flat[index], positions, full.cu_seqlens, self.lower,
+                                   capture_layers=range(M), stop_after=M - 1)
+        kept = (~in_anchor).nonzero().squeeze(1)  # in the order of ``packed``
+        return {i: (k[kept], v[kept]) for i, (k, v) in kv.items()}, positions[kept]
 
 
 def _joined(groups: list, layer: int) -> torch.Tensor:

@@ -27,6 +27,11 @@ class SharedLLMConfig:
         pool_mode: ``"mean"`` or ``"first"`` (``chunk_pool`` modes).
         retrieval: ``"query"`` (cosine between the query and node embeddings, as in the paper) or
             ``"right"`` (always expand the right child: no query needed).
+        retrieval_node_embedding: how ``"query"`` retrieval embeds a node, after one lower layer and
+            the final norm: ``"last"`` (its last token, as in the paper) or ``"mean"`` (the mean over
+            its tokens: a node is found by what it holds, not by the token it happens to end on).
+        retrieval_query_tokens: the query embedding is the mean of the query's last this-many tokens
+            after one upper layer and the final norm (1: its last token, as in the paper).
         split_noise_std: training-time split noise as a fraction of node length (paper: 0.2);
             applied only while the model is in training mode.
         injection: ``"residual"`` (the paper's cross block ``x += o_c(Attn(q_c(norm_c(x)), K, V))``
@@ -54,6 +59,10 @@ class SharedLLMConfig:
         drop_node_sinks: every node is encoded alone, so its first token becomes an attention
             sink; ``True`` leaves that token out of the pooling of every pooled node that does not
             start the context (nodes short enough to be kept raw keep it).
+        anchor_tokens: every node that does not start its context is encoded behind the context's
+            first ``anchor_tokens`` tokens (fewer if the node starts earlier), whose keys and values
+            are then dropped, so that the node's own first token is no attention sink (Star
+            Attention's anchor); 0: nodes are encoded alone.
         max_pass_tokens: compression works through the chunks in groups of at most this many context
             tokens per pass (a longer chunk is a group of its own), so that its memory does not grow
             with the context; the result is the same. ``None``: all chunks in one pass.
@@ -65,6 +74,8 @@ class SharedLLMConfig:
     tokens_per_node: int | None = 32
     pool_mode: str = "mean"
     retrieval: str = "query"
+    retrieval_node_embedding: str = "last"
+    retrieval_query_tokens: int = 1
     split_noise_std: float = 0.0
     injection: str = "residual"
     positions: str = "chunk"
@@ -75,6 +86,7 @@ class SharedLLMConfig:
     distance_scale: int = 8
     max_distance: int = 1024
     drop_node_sinks: bool = False
+    anchor_tokens: int = 0
 
     def __post_init__(self):
         def check_int(name: str, low: int, allow_none: bool = False) -> None:
@@ -96,9 +108,12 @@ class SharedLLMConfig:
         check_int("tokens_per_node", 1, allow_none=True)
         check_int("max_pass_tokens", 1, allow_none=True)
         check_int("distance_scale", 1)
+        check_int("anchor_tokens", 0)
+        check_int("retrieval_query_tokens", 1)
         check_int("max_distance", 1)
         check_choice("pool_mode", ("mean", "first"))
         check_choice("retrieval", ("query", "right"))
+        check_choice("retrieval_node_embedding", ("last", "mean"))
         check_choice("injection", ("residual", "merge"))
         check_choice("positions", ("chunk", "true", "distance"))
         check_choice("cross_init", ("copy", "copy_zero", "random"))

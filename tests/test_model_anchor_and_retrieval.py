@@ -1,0 +1,136 @@
+"""Two settings for what isolated nodes lose (issue 16), each against an independent computation with
+the plain transformers model:
+
+* ``anchor_tokens``: a node that does not start its context is encoded behind the context's first
+  tokens, whose rows are dropped: its keys/values are those of one causal pass over anchor + node;
+* ``retrieval_node_embedding="mean"`` / ``retrieval_query_tokens``: retrieval embeds a node by the mean
+  of its tokens' states after one layer, and the query by the mean of its last tokens' states.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from sharedllm_ops.model import SharedLLMConfig, SharedLLMForCausalLM  # noqa: E402
+from sharedllm_ops.model.context import chunk_layout, context_tokens  # noqa: E402
+from sharedllm_ops.model.pretrained import tiny_model  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CHUNK, M = 32, 2
+
+
+def ids(*shape, seed):
+    return torch.randint(3, 128, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def wrapped(**cfg):
+    base = tiny_model("llama", seed=0)
+    cfg = {"num_injected_layers": M, "chunk_size": CHUNK, "tree_depth": 0, "tokens_per_node": None, **cfg}
+    return base, SharedLLMForCausalLM.from_base(base, SharedLLMConfig(**cfg)).eval()
+
+
+@torch.no_grad()
+def causal_kv(base, tokens, positions):
+    """Per layer ``(k, v)`` ``[T, Hk, D]`` of one causal pass of the plain model over ``tokens`` at ``positions``
+    (keys rotated at those positions, as the model caches them)."""
+    cache = base(input_ids=tokens[None], position_ids=positions[None], use_cache=True).past_key_values
+    return [(cache.layers[i].keys[0].transpose(0, 1), cache.layers[i].values[0].transpose(0, 1)) for i in range(M)]
+
+
+@pytest.mark.parametrize("positions", ["true", "chunk"])
+@pytest.mark.parametrize("anchor", [CHUNK, 8])
+def test_a_node_behind_an_anchor_has_the_keys_of_one_pass_over_anchor_and_node(positions, anchor):
+    context = ids(2 * CHUNK + 11, seed=1)  # two full chunks and a short third, all of them nodes (no tree)
+    base, model = wrapped(positions=positions, anchor_tokens=anchor)
+    with torch.no_grad():
+        ctx = model.compress_context(context[None])
+    rows = []
+    for start in (0, CHUNK, 2 * CHUNK):
+        node = context[start : start + CHUNK]
+        a = min(anchor, start)  # the first chunk is the context's start: no anchor
+        tokens = torch.cat([context[:a], node])
+        if positions == "true":  # the anchor at its own positions, the node at its place in the text
+            pos = torch.cat([torch.arange(a), torch.arange(start, start + node.numel())])
+        else:  # nodes are encoded from position 0: the anchor first, the node after it
+            pos = torch.arange(tokens.numel())
+        rows.append([(k[a:], v[a:]) for k, v in causal_kv(base, tokens, pos)])
+    for layer in range(M):
+        for kind in (0, 1):
+            expected = torch.cat([r[layer][kind] for r in rows])
+            torch.testing.assert_close(ctx.keys[layer] if kind == 0 else ctx.values[layer], expected,
+                                       atol=2e-5, rtol=1e-4)
+    if anchor == CHUNK and positions == "true":  # the whole first chunk as anchor: one causal pass over two chunks
+        whole = causal_kv(base, context[: 2 * CHUNK], torch.arange(2 * CHUNK))
+        torch.testing.assert_close(ctx.keys[1][: 2 * CHUNK], whole[1][0], atol=2e-5, rtol=1e-4)
+
+
+def test_the_anchor_changes_the_later_nodes_only_and_keeps_every_row():
+    context = ids(3, 3 * CHUNK, seed=2)
+    lengths = torch.tensor([3 * CHUNK, 2 * CHUNK - 5, 0])
+    kw = dict(tree_depth=2, tokens_per_node=4, positions="distance", drop_node_sinks=True)
+    _, plain = wrapped(**kw)
+    _, anchored = wrapped(**kw, anchor_tokens=6)
+    with torch.no_grad():
+        a = plain.compress_context(context, lengths, query_input_ids=context[:, :5])
+        b = anchored.compress_context(context, lengths, query_input_ids=context[:, :5])
+    for name in ("cu_seqlens", "k_positions", "num_chunks"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for name in ("row", "chunk", "start", "length"):
+        assert torch.equal(getattr(a.nodes, name), getattr(b.nodes, name)), name
+    first = a.nodes.start == 0  # nodes that start their context have no anchor: the same rows
+    rows_of_first = torch.repeat_interleave(first, torch.minimum(a.nodes.length, torch.tensor(4)))
+    assert rows_of_first.any() and (~rows_of_first).any()
+    # layer 1: the first layer's keys depend on their own token only
+    torch.testing.assert_close(b.keys[1][rows_of_first], a.keys[1][rows_of_first], atol=0, rtol=0)
+    assert (b.keys[1][~rows_of_first] - a.keys[1][~rows_of_first]).abs().amax(-1).amax(-1).min() > 1e-4
+
+
+def test_growing_a_context_refuses_an_anchor():
+    _, model = wrapped(anchor_tokens=4)
+    with torch.no_grad():
+        ctx = model.compress_context(ids(1, CHUNK + 3, seed=3))
+        with pytest.raises(ValueError, match="anchor_tokens"):
+            model.compress_context(ids(1, 5, seed=4), into=ctx)
+
+
+@torch.no_grad()
+def normed_layer0_states(base, tokens):
+    """``[T, hidden]``: the plain model's states after its first layer, normed by its final norm."""
+    hidden = base(input_ids=tokens[None], output_hidden_states=True).hidden_states[1][0]
+    return base.model.norm(hidden)
+
+
+def test_mean_node_embeddings_and_a_query_of_its_last_tokens():
+    base, model = wrapped(tree_depth=2, tokens_per_node=4, retrieval_node_embedding="mean", retrieval_query_tokens=3)
+    compressor = model._compressor
+    context = ids(2, 2 * CHUNK, seed=5)
+    lengths = torch.tensor([2 * CHUNK, CHUNK + 9])
+    with torch.no_grad():
+        tokens, _ = context_tokens(context, lengths, CHUNK)
+        chunks = chunk_layout(tokens.lengths, CHUNK)
+        splittable, start, length = compressor.trees(chunks, None, False)
+        which = splittable.nonzero().squeeze(1)
+        emb = compressor.node_embeddings(tokens, chunks.row[which], chunks.start[which][:, None] + start, length)
+    for t, c in enumerate(which.tolist()):
+        row, first = int(chunks.row[c]), int(chunks.start[c])
+        for j in range(start.shape[1]):
+            s, n = first + int(start[t, j]), int(length[t, j])
+            expected = normed_layer0_states(base, context[row, s : s + n]).mean(0)  # encoded alone, from position 0
+            torch.testing.assert_close(emb[t, j], expected, atol=2e-5, rtol=1e-4)
+    query = ids(2, 7, seed=6)
+    mask = torch.tensor([[1] * 7, [1, 1, 0, 0, 0, 0, 0]])  # the second query has two tokens: both are used
+    with torch.no_grad():
+        got = compressor.retrieval_query(query, mask, lengths)
+    torch.testing.assert_close(got[0], normed_layer0_states(base, query[0])[-3:].mean(0), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got[1], normed_layer0_states(base, query[1, :2]).mean(0), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("field,value", [("anchor_tokens", -1), ("anchor_tokens", True),
+                                         ("retrieval_node_embedding", "max"), ("retrieval_query_tokens", 0)])
+def test_bad_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SharedLLMConfig(**{field: value})
