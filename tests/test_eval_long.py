@@ -299,6 +299,9 @@ def test_cli_writes_tables_json_and_plots(tiny_model_folder, tmp_path, capsys):
     (["--keys", "0"], "--keys"),
     (["--chunk-size", "16"], "--chunk-size"),
     (["--text", "/nonexistent/book.txt"], "--text: no such file"),
+    (["--config", "{bad"], "--config is not JSON"),
+    (["--config", "[1]"], "--config must be a JSON object"),
+    (["--injector", "shipped", "--config", "{}"], "needs --injector none"),
 ])
 def test_cli_rejects_bad_arguments_before_loading_a_model(options, message):
     with pytest.raises(SystemExit, match=message):
@@ -310,6 +313,8 @@ def test_cli_rejects_bad_arguments_before_loading_a_model(options, message):
     (["--window", "512"], "--window 512 exceeds the base model's max_position_embeddings 256"),
     (["--contexts", "0", "100000", "--tasks", "perplexity"], "the text has .* tokens"),
     (["--module", "no_such_module.py"], "--module: no standard-library module"),
+    (["--config", '{"no_such_field": 1}'], "--config .*no_such_field"),
+    (["--config", '{"anchor_tokens": -1}'], "--config .*anchor_tokens"),
 ])
 def test_cli_rejects_what_the_model_or_text_cannot_do(tiny_model_folder, tmp_path, options, message):
     folder, _ = tiny_model_folder
@@ -328,3 +333,20 @@ def test_smollm2_with_full_attention_answers_the_passkey_and_the_window_alone_ca
     alone = [r for r in results if r.method != PK.FULL_ATTENTION]
     assert all(r.correct for r in full), [(r.key, r.answer) for r in full]
     assert not any(r.correct for r in alone), [(r.key, r.answer) for r in alone]
+
+
+def test_config_overrides_only_the_named_fields_of_the_training_free_row():
+    from types import SimpleNamespace
+
+    from sharedllm_ops.model.long_eval import TRAINING_FREE_ROW, injector_configs
+
+    base = SimpleNamespace(model=SimpleNamespace(layers=[None] * 3))
+    args = SimpleNamespace(injector=["none"], model="folder", chunk_size=64, config=None)
+    (plain_name, plain), = injector_configs(args, base).items()
+    args.config = '{"anchor_tokens": 8, "retrieval_node_embedding": "mean"}'
+    (name, config), = injector_configs(args, base).items()
+    assert plain_name == TRAINING_FREE_ROW and name == f"{TRAINING_FREE_ROW}, {args.config}"
+    assert (config.anchor_tokens, config.retrieval_node_embedding) == (8, "mean")
+    assert (plain.anchor_tokens, plain.retrieval_node_embedding) == (0, "last")
+    changed = {f for f in config.to_dict() if config.to_dict()[f] != plain.to_dict()[f]}
+    assert changed == {"anchor_tokens", "retrieval_node_embedding"}

@@ -101,6 +101,64 @@ def test_distances_grow_along_the_text_and_are_capped():
     assert positions[-1] == 10 - (150 - int(ctx.k_positions[-1])) // 4
 
 
+def test_exact_distances_refine_the_whole_steps_and_keep_raw_rows_apart():
+    base = tiny_model("llama", seed=10)
+    common = dict(num_injected_layers=2, chunk_size=32, tree_depth=3, tokens_per_node=4, positions="distance",
+                  distance_scale=4, max_distance=40)
+    context, query = ids(1, 150, seed=11), ids(1, 5, seed=12)
+    plain = SharedLLMForCausalLM.from_base(base, SharedLLMConfig(**common))
+    exact = SharedLLMForCausalLM.from_base(tiny_model("llama", seed=10), SharedLLMConfig(**common, exact_distance=True))
+    with torch.no_grad():
+        ctx = plain.compress_context(context, None, query)
+        ctx_exact = exact.compress_context(context, None, query)
+    assert torch.equal(ctx.k_positions, ctx_exact.k_positions)  # the setting only changes the rotation
+    steps = plain._state.distance_positions(ctx).long()
+    fine = exact._state.distance_positions(ctx).long()
+    # table rows per step: 4; whole steps agree with the plain setting (nothing here is capped)
+    assert torch.equal((40 * 4 - fine) // 4, 40 - steps)
+    assert torch.all(fine[1:] > fine[:-1])  # every row, raw rows included, at its own position
+    assert any(length <= 4 for length in ctx.nodes.length.tolist())  # some nodes are kept raw
+    assert len(set(steps.tolist())) < steps.numel()  # whole steps put neighbouring raw rows together
+
+
+@pytest.mark.parametrize("scale", [1, 3])
+def test_exact_distances_depend_only_on_distance(scale):
+    # rotary attention depends only on the query's position minus the key's: moving the cap (which
+    # shifts the queries and the rows alike) changes nothing while no row reaches it; with one
+    # token per step, the uncompressed context is full attention
+    text = ids(1, 90, seed=4)
+    logits = {}
+    for far in (100, 130):
+        cfg = SharedLLMConfig(num_injected_layers=4, chunk_size=128, tree_depth=0, tokens_per_node=None,
+                              injection="merge", positions="distance", distance_scale=scale, max_distance=far,
+                              exact_distance=True)
+        model = SharedLLMForCausalLM.from_base(tiny_model("llama", seed=3), cfg)
+        with torch.no_grad():
+            logits[far] = model(text[:, 70:], context_input_ids=text[:, :70]).logits
+    torch.testing.assert_close(logits[100], logits[130], atol=2e-5, rtol=0)
+    with torch.no_grad():
+        full = tiny_model("llama", seed=3)(text).logits[:, 70:]
+    if scale == 1:
+        torch.testing.assert_close(logits[100], full, atol=2e-5, rtol=0)
+    else:
+        assert not torch.allclose(logits[100], full, atol=1e-3)
+
+
+def test_subdivided_rotary_table_rows_are_fractional_positions():
+    from sharedllm_ops.model.injection import RotaryTable
+
+    base = tiny_model("llama", seed=17)
+    table = RotaryTable(base.model.rotary_emb)
+    cos1, sin1 = table(10, "cpu")
+    cos4, sin4 = table(40, "cpu", subdivisions=4)
+    torch.testing.assert_close(cos4[0:40:4], cos1[:10])
+    torch.testing.assert_close(sin4[0:40:4], sin1[:10])
+    inv_freq = base.model.rotary_emb.inv_freq.float()
+    angle = torch.cat([inv_freq, inv_freq]) * 2.5  # row 10 of the 4-per-step table: position 2.5
+    torch.testing.assert_close(cos4[10], torch.cos(angle))
+    torch.testing.assert_close(sin4[10], torch.sin(angle))
+
+
 def test_residual_cross_blocks_see_the_context_with_distance_positions():
     base = tiny_model("llama", seed=13)
     cfg = SharedLLMConfig(num_injected_layers=2, chunk_size=32, tree_depth=2, tokens_per_node=4, positions="distance",

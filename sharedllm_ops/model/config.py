@@ -56,6 +56,9 @@ class SharedLLMConfig:
         distance_scale: ``positions="distance"``: context tokens per position step.
         max_distance: ``positions="distance"``: the largest distance (in position steps); rows
             farther away all sit at this distance.
+        exact_distance: with ``positions="distance"``, each row is rotated at its exact distance in
+            tokens divided by ``distance_scale`` (fractional steps), not at whole steps, so that raw
+            rows fewer than ``distance_scale`` tokens apart (a kept-raw identifier) keep their order.
         drop_node_sinks: every node is encoded alone, so its first token becomes an attention
             sink; ``True`` leaves that token out of the pooling of every pooled node that does not
             start the context (nodes short enough to be kept raw keep it).
@@ -85,6 +88,7 @@ class SharedLLMConfig:
     max_pass_tokens: int | None = 16384
     distance_scale: int = 8
     max_distance: int = 1024
+    exact_distance: bool = False
     drop_node_sinks: bool = False
     anchor_tokens: int = 0
 
@@ -120,7 +124,7 @@ class SharedLLMConfig:
         check_choice("backend", BACKENDS)
         if not isinstance(self.split_noise_std, (int, float)) or not 0.0 <= self.split_noise_std < 0.5:
             raise ValueError(f"SharedLLMConfig.split_noise_std must be a float in [0, 0.5), got {self.split_noise_std!r}")
-        for name in ("share_lower", "drop_node_sinks"):
+        for name in ("share_lower", "drop_node_sinks", "exact_distance"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SharedLLMConfig.{name} must be a bool, got {getattr(self, name)!r}")
 

@@ -74,16 +74,18 @@ class RotaryTable:
         self.attention_scaling = float(getattr(rotary_emb, "attention_scaling", 1.0) or 1.0)
         self._cache: dict = {}
 
-    def __call__(self, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 ``[>= size, D]`` for positions ``0..size-1``, without the attention scaling (a pure
-        rotation: it is applied on top of rotated keys)."""
-        key = torch.device(device)
+    def __call__(self, size: int, device, subdivisions: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``[>= size, D]`` for positions ``0..size-1`` (row ``i`` at position ``i / subdivisions``
+        when that is given), without the attention scaling (a pure rotation: it is applied on top
+        of rotated keys)."""
+        key = (torch.device(device), subdivisions)
         cached = self._cache.get(key)
         if cached is None or cached[0].shape[0] < size:
             n = max(size, 2 * cached[0].shape[0] if cached is not None else 64)
-            probe = torch.zeros(1, 1, dtype=torch.float32, device=key)
+            probe = torch.zeros(1, 1, dtype=torch.float32, device=key[0])
+            positions = torch.arange(n, device=key[0], dtype=torch.float32) / subdivisions
             with torch.no_grad():
-                cos, sin = self.rotary_emb(probe, torch.arange(n, device=key)[None])
+                cos, sin = self.rotary_emb(probe, positions[None])
             scale = self.attention_scaling
             cached = self._cache[key] = (cos[0].float() / scale, sin[0].float() / scale)
         return cached
@@ -255,8 +257,9 @@ class InjectionState:
                 rotary_sin=sin,
             )
         elif self.config.positions == "distance":
-            far = self.config.max_distance
-            cos, sin = self.rotary(far + 1, q.device)
+            steps = self.config.distance_scale if self.config.exact_distance else 1  # table rows per step
+            far = self.config.max_distance * steps
+            cos, sin = self.rotary(far + 1, q.device, subdivisions=steps)
             rotary = dict(
                 q_positions=torch.full((B * L,), far, dtype=torch.int32, device=q.device),
                 k_positions=self.distance_positions(ctx),
@@ -272,10 +275,14 @@ class InjectionState:
     def distance_positions(self, ctx: CompressedContext) -> torch.Tensor:
         """int32 ``[Nk]`` (``positions="distance"``): each row's rotary position, ``max_distance`` minus its
         distance from the end of its sequence's context in steps of ``distance_scale`` tokens (capped).
-        The queries, rotated at their decoder positions ``p``, are rotated by ``max_distance`` more."""
+        The queries, rotated at their decoder positions ``p``, are rotated by ``max_distance`` more.
+        With ``exact_distance`` the unit is a token, in a table of ``distance_scale`` rows per step."""
         cfg = self.config
         rows = ctx.cu_seqlens[1:].long() - ctx.cu_seqlens[:-1].long()
         end = ctx.context_lengths.long().repeat_interleave(rows)
+        if cfg.exact_distance:
+            far = cfg.max_distance * cfg.distance_scale
+            return (far - torch.clamp(end - ctx.k_positions.long(), 0, far)).to(torch.int32)
         distance = torch.clamp((end - ctx.k_positions.long()) // cfg.distance_scale, 0, cfg.max_distance)
         return (cfg.max_distance - distance).to(torch.int32)
 

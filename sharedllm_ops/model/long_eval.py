@@ -4,6 +4,8 @@ grid (``passkey.py``) under one progress bar, then print and write the report (`
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -57,8 +59,15 @@ def injector_configs(args, base) -> dict:
     configs = {}
     for choice in choices:
         if choice == "none":
-            training_free = training_free_configs(len(base.model.layers), args.chunk_size)
-            configs[TRAINING_FREE_ROW] = training_free[TRAINING_FREE_ROW]
+            config = training_free_configs(len(base.model.layers), args.chunk_size)[TRAINING_FREE_ROW]
+            if getattr(args, "config", None) is None:
+                configs[TRAINING_FREE_ROW] = config
+                continue
+            try:
+                config = dataclasses.replace(config, **json.loads(args.config))
+            except (ValueError, TypeError) as e:  # an unknown field or a bad value
+                raise SystemExit(f"--config {args.config}: {e}") from None
+            configs[f"{TRAINING_FREE_ROW}, {args.config}"] = config
         elif choice == "shipped":
             folder = shipped_injector()
             if folder is None:
@@ -109,6 +118,15 @@ def _check_arguments(args) -> SweepPlan | None:
     missing = [str(p) for p in args.text or () if not Path(p).is_file()]
     if missing:
         raise SystemExit(f"--text: no such file: {', '.join(missing)}")
+    if getattr(args, "config", None) is not None:
+        if "none" not in (args.injector or ([] if args.model is None else ["none"])):
+            raise SystemExit("--config sets the training-free row's fields: it needs --injector none")
+        try:
+            overrides = json.loads(args.config)
+        except ValueError as e:
+            raise SystemExit(f"--config is not JSON: {e}") from None
+        if not isinstance(overrides, dict):
+            raise SystemExit(f"--config must be a JSON object of SharedLLMConfig fields, got {args.config}")
     if any(w < 2 for w in args.window):
         raise SystemExit(f"--window must be >= 2, got {args.window}")
     if "passkey" in args.tasks:
