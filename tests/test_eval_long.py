@@ -350,3 +350,20 @@ def test_config_overrides_only_the_named_fields_of_the_training_free_row():
     assert (plain.anchor_tokens, plain.retrieval_node_embedding) == (0, "last")
     changed = {f for f in config.to_dict() if config.to_dict()[f] != plain.to_dict()[f]}
     assert changed == {"anchor_tokens", "retrieval_node_embedding"}
+
+
+def test_validate_config_overrides_the_training_free_and_the_trained_config(tiny_model_folder, tmp_path):
+    folder, injector = tiny_model_folder
+    common = ["validate", "--model", str(folder), "--modules", "json/decoder.py", "--window", "48", "--last", "8",
+              "--max-tokens", "200", "--skip-full"]
+    out = tmp_path / "free.json"
+    assert main([*common, "--injector", "none", "--config", '{"chunk_size": 32, "anchor_tokens": 4}',
+                 "--json", str(out)]) == 0
+    config = json.loads(out.read_text())["config"]
+    assert (config["injection"], config["chunk_size"], config["anchor_tokens"]) == ("merge", 32, 4)
+    out = tmp_path / "trained.json"
+    assert main([*common, "--injector", str(injector), "--config", '{"tree_depth": 1}', "--json", str(out)]) == 0
+    config = json.loads(out.read_text())["config"]
+    assert (config["injection"], config["tree_depth"], config["tokens_per_node"]) == ("residual", 1, 4)
+    with pytest.raises(SystemExit, match="--config .*no_such_field"):
+        main([*common, "--injector", "none", "--config", '{"no_such_field": 1}'])

@@ -79,3 +79,13 @@ def test_validate_command_options():
     args = build_parser().parse_args(["validate", "--window", "64", "--last", "64"])
     with pytest.raises(SystemExit, match="--last"):
         args.run(args)
+
+
+@pytest.mark.parametrize("config, message", [
+    ("{bad", "--config is not JSON"),
+    ("[1]", "--config must be a JSON object"),
+])
+def test_validate_rejects_a_bad_config_before_loading_a_model(config, message):
+    args = build_parser().parse_args(["validate", "--model", "/nonexistent", "--injector", "none", "--config", config])
+    with pytest.raises(SystemExit, match=message):
+        args.run(args)

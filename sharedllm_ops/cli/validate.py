@@ -17,7 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="a Hugging Face model folder or a .gguf file (default: the embedded SmolLM2-135M)")
     parser.add_argument("--injector", default=None,
-                        help="a trained injector folder (default: the shipped one, for the embedded model)")
+                        help="a trained injector folder, or 'none' for the training-free config (merge, compressed 8x) "
+                             "(default: the shipped one, for the embedded model)")
+    parser.add_argument("--config", default=None, metavar="JSON",
+                        help="SharedLLMConfig fields over the injector's config, e.g. '{\"tree_depth\": 5}' "
+                             "(only what inference reads can change: not the injected layers of a trained injector)")
     parser.add_argument("--modules", nargs="+", default=None,
                         help="standard-library modules (default: text.EVAL_MODULES; 'selection' adds text.SELECTION_MODULES)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="tokens taken from the start of each module (default: 8192)")

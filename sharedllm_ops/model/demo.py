@@ -34,6 +34,19 @@ def _check(args) -> None:
         raise SystemExit("--device cuda: torch sees no CUDA device")
 
 
+def _config_overrides(text: str | None) -> dict:
+    """``--config``: SharedLLMConfig fields as a JSON object, or a SystemExit naming the option."""
+    if text is None:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except ValueError as e:
+        raise SystemExit(f"--config is not JSON: {e}") from None
+    if not isinstance(overrides, dict):
+        raise SystemExit(f"--config must be a JSON object of SharedLLMConfig fields, got {text}")
+    return overrides
+
+
 def _progress(total: int, desc: str):
     """A tqdm bar when available (it comes with transformers), else plain lines."""
     try:
@@ -182,12 +195,22 @@ def run_validate(args) -> int:
     injector = args.injector or (shipped_injector() if args.model is None else None)
     if injector is None:
         raise SystemExit("--injector: a trained injector folder is needed for a model other than the embedded one")
+    overrides = _config_overrides(getattr(args, "config", None))
     modules = []
     for name in args.modules or ["eval"]:
         modules += {"eval": list(EVAL_MODULES), "selection": list(SELECTION_MODULES)}.get(name, [name])
     base, tokenizer, load_s = _load(args)
-    print(f"model    {_describe(base)}; loaded in {load_s:.1f} s; injector {injector}", flush=True)
-    model = SharedLLMForCausalLM.from_pretrained(injector, base)
+    print(f"model    {_describe(base)}; loaded in {load_s:.1f} s; injector {injector}"
+          + (f"; config {args.config}" if overrides else ""), flush=True)
+    try:
+        if injector == "none":
+            free = training_free_configs(len(base.model.layers))["SharedLLM training-free (merge), compressed 8x"]
+            config = dataclasses.replace(free, **overrides)
+            model = SharedLLMForCausalLM.from_base(base, config)
+        else:
+            model = SharedLLMForCausalLM.from_pretrained(injector, base, **overrides)
+    except (TypeError, ValueError) as e:  # an unknown field, a bad value, a config the weights do not fit
+        raise SystemExit(f"--config {args.config}: {e}") from None
     step, done = _progress(len(modules), "validate")
     try:
         rows = validation_rows(model, tokenizer, modules, args.window, args.last, args.max_tokens,
@@ -198,8 +221,8 @@ def run_validate(args) -> int:
     print(format_validation(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"injector": str(injector), "window": args.window, "last": args.last,
-                       "max_tokens": args.max_tokens, "rows": [dataclasses.asdict(r) for r in rows],
+            json.dump({"injector": str(injector), "config": model.config.to_dict(), "window": args.window,
+                       "last": args.last, "max_tokens": args.max_tokens, "rows": [dataclasses.asdict(r) for r in rows],
                        "summary": summary(rows)}, f, indent=2)
     return 0
 
