@@ -343,9 +343,10 @@ def test_config_overrides_only_the_named_fields_of_the_training_free_row():
     base = SimpleNamespace(model=SimpleNamespace(layers=[None] * 3))
     args = SimpleNamespace(injector=["none"], model="folder", chunk_size=64, config=None)
     (plain_name, plain), = injector_configs(args, base).items()
-    args.config = '{"anchor_tokens": 8, "retrieval_node_embedding": "mean"}'
-    (name, config), = injector_configs(args, base).items()
-    assert plain_name == TRAINING_FREE_ROW and name == f"{TRAINING_FREE_ROW}, {args.config}"
+    args.config = ['{"anchor_tokens": 8, "retrieval_node_embedding": "mean"}', '{"tree_depth": 5}']
+    (name, config), (_, deeper) = injector_configs(args, base).items()
+    assert plain_name == TRAINING_FREE_ROW and name == f"{TRAINING_FREE_ROW}, {args.config[0]}"
+    assert deeper.tree_depth == 5 and plain.tree_depth == 3
     assert (config.anchor_tokens, config.retrieval_node_embedding) == (8, "mean")
     assert (plain.anchor_tokens, plain.retrieval_node_embedding) == (0, "last")
     changed = {f for f in config.to_dict() if config.to_dict()[f] != plain.to_dict()[f]}

@@ -60,14 +60,13 @@ def injector_configs(args, base) -> dict:
     for choice in choices:
         if choice == "none":
             config = training_free_configs(len(base.model.layers), args.chunk_size)[TRAINING_FREE_ROW]
-            if getattr(args, "config", None) is None:
+            if not getattr(args, "config", None):
                 configs[TRAINING_FREE_ROW] = config
-                continue
-            try:
-                config = dataclasses.replace(config, **json.loads(args.config))
-            except (ValueError, TypeError) as e:  # an unknown field or a bad value
-                raise SystemExit(f"--config {args.config}: {e}") from None
-            configs[f"{TRAINING_FREE_ROW}, {args.config}"] = config
+            for text in getattr(args, "config", None) or ():
+                try:
+                    configs[f"{TRAINING_FREE_ROW}, {text}"] = dataclasses.replace(config, **json.loads(text))
+                except (ValueError, TypeError) as e:  # an unknown field or a bad value
+                    raise SystemExit(f"--config {text}: {e}") from None
         elif choice == "shipped":
             folder = shipped_injector()
             if folder is None:
@@ -118,15 +117,16 @@ def _check_arguments(args) -> SweepPlan | None:
     missing = [str(p) for p in args.text or () if not Path(p).is_file()]
     if missing:
         raise SystemExit(f"--text: no such file: {', '.join(missing)}")
-    if getattr(args, "config", None) is not None:
+    if getattr(args, "config", None):
         if "none" not in (args.injector or ([] if args.model is None else ["none"])):
             raise SystemExit("--config sets the training-free row's fields: it needs --injector none")
-        try:
-            overrides = json.loads(args.config)
-        except ValueError as e:
-            raise SystemExit(f"--config is not JSON: {e}") from None
-        if not isinstance(overrides, dict):
-            raise SystemExit(f"--config must be a JSON object of SharedLLMConfig fields, got {args.config}")
+        for text in args.config:
+            try:
+                overrides = json.loads(text)
+            except ValueError as e:
+                raise SystemExit(f"--config is not JSON: {e}") from None
+            if not isinstance(overrides, dict):
+                raise SystemExit(f"--config must be a JSON object of SharedLLMConfig fields, got {text}")
     if any(w < 2 for w in args.window):
         raise SystemExit(f"--window must be >= 2, got {args.window}")
     if "passkey" in args.tasks:
