@@ -60,7 +60,8 @@ EMULATED_TESTS := tests/test_cuda_emulated.py tests/test_cuda_fragments.py tests
                   tests/test_resources.py tests/test_gpu_check.py
 test: build
 	@mkdir -p build; \
-	OMP_NUM_THREADS=1 $(PY) -m pytest $(EMULATED_TESTS) > build/pytest-emulated.log 2>&1 & emulated=$$!; \
+	OMP_NUM_THREADS=1 $(PY) -m pytest -p no:cacheprovider $(EMULATED_TESTS) > build/pytest-emulated.log 2>&1 & emulated=$$!; \
+	trap 'kill $$emulated 2>/dev/null' INT TERM; \
 	$(PY) -m pytest tests $(addprefix --ignore=,$(EMULATED_TESTS)); rest=$$?; \
 	wait $$emulated; status=$$?; \
 	echo "--- the emulated CUDA tests, run beside (build/pytest-emulated.log) ---"; cat build/pytest-emulated.log; \

@@ -343,14 +343,15 @@ def test_config_overrides_only_the_named_fields_of_the_training_free_row():
     base = SimpleNamespace(model=SimpleNamespace(layers=[None] * 3))
     args = SimpleNamespace(injector=["none"], model="folder", chunk_size=64, config=None)
     (plain_name, plain), = injector_configs(args, base).items()
-    args.config = ['{"anchor_tokens": 8, "retrieval_node_embedding": "mean"}', '{"tree_depth": 5}']
+    args.config = ['{"anchor_tokens": 8, "drop_node_sinks": false, "retrieval_node_embedding": "mean"}',
+                   '{"tree_depth": 5}']
     (name, config), (_, deeper) = injector_configs(args, base).items()
     assert plain_name == TRAINING_FREE_ROW and name == f"{TRAINING_FREE_ROW}, {args.config[0]}"
     assert deeper.tree_depth == 5 and plain.tree_depth == 3
     assert (config.anchor_tokens, config.retrieval_node_embedding) == (8, "mean")
     assert (plain.anchor_tokens, plain.retrieval_node_embedding) == (0, "last")
     changed = {f for f in config.to_dict() if config.to_dict()[f] != plain.to_dict()[f]}
-    assert changed == {"anchor_tokens", "retrieval_node_embedding"}
+    assert changed == {"anchor_tokens", "drop_node_sinks", "retrieval_node_embedding"}
 
 
 def test_validate_config_overrides_the_training_free_and_the_trained_config(tiny_model_folder, tmp_path):
@@ -358,7 +359,7 @@ def test_validate_config_overrides_the_training_free_and_the_trained_config(tiny
     common = ["validate", "--model", str(folder), "--modules", "json/decoder.py", "--window", "48", "--last", "8",
               "--max-tokens", "200", "--skip-full"]
     out = tmp_path / "free.json"
-    assert main([*common, "--injector", "none", "--config", '{"chunk_size": 32, "anchor_tokens": 4}',
+    assert main([*common, "--injector", "none", "--config", '{"chunk_size": 32, "anchor_tokens": 4, "drop_node_sinks": false}',
                  "--json", str(out)]) == 0
     config = json.loads(out.read_text())["config"]
     assert (config["injection"], config["chunk_size"], config["anchor_tokens"]) == ("merge", 32, 4)

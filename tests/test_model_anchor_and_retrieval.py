@@ -71,7 +71,7 @@ def test_a_node_behind_an_anchor_has_the_keys_of_one_pass_over_anchor_and_node(p
 def test_the_anchor_changes_the_later_nodes_only_and_keeps_every_row():
     context = ids(3, 3 * CHUNK, seed=2)
     lengths = torch.tensor([3 * CHUNK, 2 * CHUNK - 5, 0])
-    kw = dict(tree_depth=2, tokens_per_node=4, positions="distance", drop_node_sinks=True)
+    kw = dict(tree_depth=2, tokens_per_node=4, positions="distance")
     _, plain = wrapped(**kw)
     _, anchored = wrapped(**kw, anchor_tokens=6)
     with torch.no_grad():
@@ -84,7 +84,10 @@ def test_the_anchor_changes_the_later_nodes_only_and_keeps_every_row():
     first = a.nodes.start == 0  # nodes that start their context have no anchor: the same rows
     rows_of_first = torch.repeat_interleave(first, torch.minimum(a.nodes.length, torch.tensor(4)))
     assert rows_of_first.any() and (~rows_of_first).any()
-    # layer 1: the first layer's keys depend on their own token only
+    # layer 0's keys depend on their own token only once "distance" undoes their rotation, so they agree
+    # everywhere only if the anchored rows were un-rotated at the positions they were encoded at
+    torch.testing.assert_close(b.keys[0], a.keys[0], atol=2e-5, rtol=1e-5)
+    # layer 1's keys see what came before them: the anchor changes them, except in the nodes without one
     torch.testing.assert_close(b.keys[1][rows_of_first], a.keys[1][rows_of_first], atol=0, rtol=0)
     assert (b.keys[1][~rows_of_first] - a.keys[1][~rows_of_first]).abs().amax(-1).amax(-1).min() > 1e-4
 
@@ -134,3 +137,12 @@ def test_mean_node_embeddings_and_a_query_of_its_last_tokens():
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SharedLLMConfig(**{field: value})
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(anchor_tokens=4, drop_node_sinks=True), "drop_node_sinks=False"),
+    (dict(exact_distance=True, positions="true"), "exact_distance needs positions='distance'"),
+])
+def test_settings_that_do_not_combine_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SharedLLMConfig(**settings)

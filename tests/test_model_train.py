@@ -207,6 +207,7 @@ def test_distillation_adds_the_weighted_kl_to_the_loss(data_dir, tmp_path):
     (dict(distill_weight=1.0, trainable="cross+top"), "trainable='cross'"),
     (dict(distill_weight=1.0, decoder_tokens=1), "decoder_tokens >= 2"),
     (dict(copy_fraction=1.5), "copy_fraction"), (dict(copy_fraction=True), "copy_fraction"),
+    (dict(copy_fraction=0.3, distill_weight=1.0), "copy_fraction and distill_weight"),
     (dict(copy_tokens=8), "copy_tokens"),
 ])
 def test_bad_distillation_settings_are_rejected(data_dir, tmp_path, change, message):

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chunk length of the training-free config (--injector none) (default: 1024)")
     parser.add_argument("--config", action="append", default=None, metavar="JSON",
                         help="SharedLLMConfig fields over the training-free config of --injector none, e.g. "
-                             "'{\"anchor_tokens\": 16}' (repeatable: one row each, named with its fields)")
+                             "'{\"anchor_tokens\": 16}' (repeatable: one row each, named with its fields; '{}' keeps the plain row)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="model dtype (default: float32)")
     parser.add_argument("--output", default="runs/eval-long",

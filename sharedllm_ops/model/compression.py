@@ -156,8 +156,10 @@ class ContextCompressor:
         row = torch.repeat_interleave(torch.arange(counts.numel(), device=hidden.device), counts)
         from_end = cu[1:].long()[row] - 1 - torch.arange(hidden.shape[0], device=hidden.device)
         used = from_end < self.config.retrieval_query_tokens
-        sums = hidden.new_zeros(counts.numel(), hidden.shape[-1]).index_add_(0, row[used], hidden[used])
-        return sums / counts.clamp(min=1, max=self.config.retrieval_query_tokens)[:, None].to(sums.dtype)
+        # summed in float32: a bf16/fp16 sum of many states loses precision (and on CUDA its order varies)
+        sums = hidden.new_zeros(counts.numel(), hidden.shape[-1], dtype=torch.float32)
+        sums.index_add_(0, row[used], hidden[used].float())
+        return (sums / counts.clamp(min=1, max=self.config.retrieval_query_tokens)[:, None]).to(hidden.dtype)
 
     def node_embeddings(self, tokens: ContextTokens, row, start, length):
         """``[n, k, hidden]``: nodes encoded in isolation by one lower layer, normed: their last token
@@ -175,8 +177,9 @@ class ContextCompressor:
             return self.decoder.norm(hidden).view(*start.shape, -1)
         hidden, _ = self.encode_packed(ids, positions, packed.cu_seqlens, self.lower[:1])
         hidden = self.decoder.norm(hidden)
-        sums = hidden.new_zeros(packed.lengths.numel(), hidden.shape[-1]).index_add_(0, packed.segment, hidden)
-        return (sums / packed.lengths.clamp(min=1)[:, None].to(sums.dtype)).view(*start.shape, -1)
+        sums = hidden.new_zeros(packed.lengths.numel(), hidden.shape[-1], dtype=torch.float32)
+        sums.index_add_(0, packed.segment, hidden.float())
+        return (sums / packed.lengths.clamp(min=1)[:, None]).to(hidden.dtype).view(*start.shape, -1)
 
     # ------------------------------------------------------------------------------------------
     # the whole path

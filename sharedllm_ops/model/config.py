@@ -65,7 +65,8 @@ class SharedLLMConfig:
         anchor_tokens: every node that does not start its context is encoded behind the context's
             first ``anchor_tokens`` tokens (fewer if the node starts earlier), whose keys and values
             are then dropped, so that the node's own first token is no attention sink (Star
-            Attention's anchor); 0: nodes are encoded alone.
+            Attention's anchor); 0: nodes are encoded alone. Replaces ``drop_node_sinks`` (which must
+            then be False).
         max_pass_tokens: compression works through the chunks in groups of at most this many context
             tokens per pass (a longer chunk is a group of its own), so that its memory does not grow
             with the context; the result is the same. ``None``: all chunks in one pass.
@@ -127,6 +128,11 @@ class SharedLLMConfig:
         for name in ("share_lower", "drop_node_sinks", "exact_distance"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SharedLLMConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.anchor_tokens and self.drop_node_sinks:
+            # behind an anchor a node's first token is no sink: dropping it would only lose a token
+            raise ValueError("SharedLLMConfig.anchor_tokens > 0 replaces drop_node_sinks: set drop_node_sinks=False")
+        if self.exact_distance and self.positions != "distance":
+            raise ValueError(f"SharedLLMConfig.exact_distance needs positions='distance', got {self.positions!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

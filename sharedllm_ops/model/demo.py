@@ -210,6 +210,8 @@ def run_validate(args) -> int:
         else:
             model = SharedLLMForCausalLM.from_pretrained(injector, base, **overrides)
     except (TypeError, ValueError) as e:  # an unknown field, a bad value, a config the weights do not fit
+        if not overrides:
+            raise
         raise SystemExit(f"--config {args.config}: {e}") from None
     step, done = _progress(len(modules), "validate")
     try:

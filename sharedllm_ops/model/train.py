@@ -110,6 +110,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.copy_fraction must be a float in [0, 1], got {self.copy_fraction!r}")
         if isinstance(self.copy_tokens, bool) or not isinstance(self.copy_tokens, int) or self.copy_tokens < MIN_COPY:
             raise ValueError(f"TrainConfig.copy_tokens must be an int >= {MIN_COPY}, got {self.copy_tokens!r}")
+        if self.copy_fraction > 0 and self.distill_weight > 0:
+            # the teacher sees only the last distill_context_tokens: its KL would train against copying older spans
+            raise ValueError("TrainConfig.copy_fraction and distill_weight cannot both be > 0 (the teacher does not "
+                             "see most copied spans)")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
 
