@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from ..dtypes import DTYPES
-from .evaluate import format_table, peak_rss_gb, perplexity_table, sharedllm_perplexity, training_free_configs
+from .evaluate import (config_overrides, format_table, peak_rss_gb, perplexity_table, sharedllm_perplexity,
+                       training_free_configs)
 from .modeling import SharedLLMForCausalLM
 from .pretrained import load_base_model, shipped_injector
 from .text import EVAL_MODULES, SELECTION_MODULES, module_text, stdlib_dir, tokenize_text
@@ -32,19 +33,6 @@ def _check(args) -> None:
         raise SystemExit(f"need 1 <= --last < --window < --max-tokens, got {args.last}, {args.window}, {args.max_tokens}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
-
-
-def _config_overrides(text: str | None) -> dict:
-    """``--config``: SharedLLMConfig fields as a JSON object, or a SystemExit naming the option."""
-    if text is None:
-        return {}
-    try:
-        overrides = json.loads(text)
-    except ValueError as e:
-        raise SystemExit(f"--config is not JSON: {e}") from None
-    if not isinstance(overrides, dict):
-        raise SystemExit(f"--config must be a JSON object of SharedLLMConfig fields, got {text}")
-    return overrides
 
 
 def _progress(total: int, desc: str):
@@ -195,7 +183,7 @@ def run_validate(args) -> int:
     injector = args.injector or (shipped_injector() if args.model is None else None)
     if injector is None:
         raise SystemExit("--injector: a trained injector folder is needed for a model other than the embedded one")
-    overrides = _config_overrides(getattr(args, "config", None))
+    overrides = config_overrides(getattr(args, "config", None))
     modules = []
     for name in args.modules or ["eval"]:
         modules += {"eval": list(EVAL_MODULES), "selection": list(SELECTION_MODULES)}.get(name, [name])

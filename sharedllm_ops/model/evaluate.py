@@ -18,6 +18,7 @@ chosen for the scored tokens never depends on them.
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import time
@@ -43,6 +44,20 @@ def training_free_configs(num_layers: int, chunk_size: int = 1024) -> dict[str, 
             pool_mode="first", drop_node_sinks=True,
         ),
     }
+
+
+def config_overrides(text: str | None) -> dict:
+    """``--config`` of ``validate`` and ``eval-long``: SharedLLMConfig fields as a JSON object (``{}`` for
+    none), or a SystemExit naming the option. The fields themselves are checked by the config."""
+    if text is None:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except ValueError as e:
+        raise SystemExit(f"--config is not JSON: {e}") from None
+    if not isinstance(overrides, dict):
+        raise SystemExit(f"--config must be a JSON object of SharedLLMConfig fields, got {text}")
+    return overrides
 
 
 @dataclass
@@ -128,4 +143,4 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Row", "format_table", "peak_rss_gb", "perplexity_table", "sharedllm_perplexity", "training_free_configs"]
+__all__ = ["Row", "config_overrides", "format_table", "peak_rss_gb", "perplexity_table", "sharedllm_perplexity", "training_free_configs"]

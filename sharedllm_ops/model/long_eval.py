@@ -5,7 +5,6 @@ grid (``passkey.py``) under one progress bar, then print and write the report (`
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 
 from ..dtypes import DTYPES
 from .config import SharedLLMConfig
-from .evaluate import peak_rss_gb, training_free_configs
+from .evaluate import config_overrides, peak_rss_gb, training_free_configs
 from .long_context import SweepPlan, context_sweep, max_positions, sweep_steps
 from .long_report import PLOT_HINT, write_report
 from .passkey import passkey_grid, passkey_items, passkey_steps
@@ -64,7 +63,7 @@ def injector_configs(args, base) -> dict:
                 configs[TRAINING_FREE_ROW] = config
             for text in getattr(args, "config", None) or ():
                 try:
-                    configs[f"{TRAINING_FREE_ROW}, {text}"] = dataclasses.replace(config, **json.loads(text))
+                    configs[f"{TRAINING_FREE_ROW}, {text}"] = dataclasses.replace(config, **config_overrides(text))
                 except (ValueError, TypeError) as e:  # an unknown field or a bad value
                     raise SystemExit(f"--config {text}: {e}") from None
         elif choice == "shipped":
@@ -121,12 +120,7 @@ def _check_arguments(args) -> SweepPlan | None:
         if "none" not in (args.injector or ([] if args.model is None else ["none"])):
             raise SystemExit("--config sets the training-free row's fields: it needs --injector none")
         for text in args.config:
-            try:
-                overrides = json.loads(text)
-            except ValueError as e:
-                raise SystemExit(f"--config is not JSON: {e}") from None
-            if not isinstance(overrides, dict):
-                raise SystemExit(f"--config must be a JSON object of SharedLLMConfig fields, got {text}")
+            config_overrides(text)
     if any(w < 2 for w in args.window):
         raise SystemExit(f"--window must be >= 2, got {args.window}")
     if "passkey" in args.tasks:
