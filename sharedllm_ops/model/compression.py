@@ -156,10 +156,7 @@ class ContextCompressor:
         row = torch.repeat_interleave(torch.arange(counts.numel(), device=hidden.device), counts)
         from_end = cu[1:].long()[row] - 1 - torch.arange(hidden.shape[0], device=hidden.device)
         used = from_end < self.config.retrieval_query_tokens
-        # summed in float32: a bf16/fp16 sum of many states loses precision (and on CUDA its order varies)
-        sums = hidden.new_zeros(counts.numel(), hidden.shape[-1], dtype=torch.float32)
-        sums.index_add_(0, row[used], hidden[used].float())
-        return (sums / counts.clamp(min=1, max=self.config.retrieval_query_tokens)[:, None]).to(hidden.dtype)
+        return _segment_means(hidden[used], row[used], counts.clamp(max=self.config.retrieval_query_tokens))
 
     def node_embeddings(self, tokens: ContextTokens, row, start, length):
         """``[n, k, hidden]``: nodes encoded in isolation by one lower layer, normed: their last token
@@ -177,9 +174,7 @@ class ContextCompressor:
             return self.decoder.norm(hidden).view(*start.shape, -1)
         hidden, _ = self.encode_packed(ids, positions, packed.cu_seqlens, self.lower[:1])
         hidden = self.decoder.norm(hidden)
-        sums = hidden.new_zeros(packed.lengths.numel(), hidden.shape[-1], dtype=torch.float32)
-        sums.index_add_(0, packed.segment, hidden.float())
-        return (sums / packed.lengths.clamp(min=1)[:, None]).to(hidden.dtype).view(*start.shape, -1)
+        return _segment_means(hidden, packed.segment, packed.lengths).view(*start.shape, -1)
 
     # ------------------------------------------------------------------------------------------
     # the whole path
@@ -359,6 +354,14 @@ class ContextCompressor:
                                    capture_layers=range(M), stop_after=M - 1)
         kept = (~in_anchor).nonzero().squeeze(1)  # in the order of ``packed``
         return {i: (k[kept], v[kept]) for i, (k, v) in kv.items()}, positions[kept]
+
+
+def _segment_means(rows: torch.Tensor, segment: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``[n, hidden]``: per segment, the sum of its ``rows`` (``segment``: each row's, of ``n = counts.numel()``)
+    over its ``counts`` (zeros for an empty one). Summed in float32: a bf16/fp16 sum of many states loses
+    precision, and on CUDA its order varies."""
+    sums = rows.new_zeros(counts.numel(), rows.shape[-1], dtype=torch.float32).index_add_(0, segment, rows.float())
+    return (sums / counts.clamp(min=1)[:, None]).to(rows.dtype)
 
 
 def _joined(groups: list, layer: int) -> torch.Tensor:

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from ..dtypes import DTYPES
-from .evaluate import (config_overrides, format_table, peak_rss_gb, perplexity_table, sharedllm_perplexity,
-                       training_free_configs)
+from .evaluate import (TRAINING_FREE_ROW, config_overrides, format_table, peak_rss_gb, perplexity_table,
+                       sharedllm_perplexity, training_free_configs)
 from .modeling import SharedLLMForCausalLM
 from .pretrained import load_base_model, shipped_injector
 from .text import EVAL_MODULES, SELECTION_MODULES, module_text, stdlib_dir, tokenize_text
@@ -192,7 +192,7 @@ def run_validate(args) -> int:
           + (f"; config {args.config}" if overrides else ""), flush=True)
     try:
         if injector == "none":
-            free = training_free_configs(len(base.model.layers))["SharedLLM training-free (merge), compressed 8x"]
+            free = training_free_configs(len(base.model.layers))[TRAINING_FREE_ROW]
             config = dataclasses.replace(free, **overrides)
             model = SharedLLMForCausalLM.from_base(base, config)
         else:

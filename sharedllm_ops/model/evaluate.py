@@ -32,6 +32,9 @@ from .modeling import SharedLLMForCausalLM
 from .text import full_perplexity, window_perplexity
 
 
+TRAINING_FREE_ROW = "SharedLLM training-free (merge), compressed 8x"  # the default training-free setting
+
+
 def training_free_configs(num_layers: int, chunk_size: int = 1024) -> dict[str, SharedLLMConfig]:
     """The training-free SharedLLM settings of the perplexity table, by row name."""
     common = dict(num_injected_layers=num_layers, chunk_size=chunk_size, injection="merge", positions="true")
@@ -39,7 +42,7 @@ def training_free_configs(num_layers: int, chunk_size: int = 1024) -> dict[str, 
         "SharedLLM training-free (merge), uncompressed": SharedLLMConfig(**common, tree_depth=0, tokens_per_node=None),
         # keys pooled before rotary at their distance in the text, strided, without the nodes' own
         # sinks: the best of six training-free settings on functools.py and inspect.py (issue 16)
-        "SharedLLM training-free (merge), compressed 8x": SharedLLMConfig(
+        TRAINING_FREE_ROW: SharedLLMConfig(
             **{**common, "positions": "distance"}, tree_depth=3, tokens_per_node=chunk_size // 32, retrieval="query",
             pool_mode="first", drop_node_sinks=True,
         ),
@@ -143,4 +146,5 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Row", "config_overrides", "format_table", "peak_rss_gb", "perplexity_table", "sharedllm_perplexity", "training_free_configs"]
+__all__ = ["TRAINING_FREE_ROW", "Row", "config_overrides", "format_table", "peak_rss_gb", "perplexity_table",
+           "sharedllm_perplexity", "training_free_configs"]

@@ -12,7 +12,7 @@ import torch
 
 from ..dtypes import DTYPES
 from .config import SharedLLMConfig
-from .evaluate import config_overrides, peak_rss_gb, training_free_configs
+from .evaluate import TRAINING_FREE_ROW, config_overrides, peak_rss_gb, training_free_configs
 from .long_context import SweepPlan, context_sweep, max_positions, sweep_steps
 from .long_report import PLOT_HINT, write_report
 from .passkey import passkey_grid, passkey_items, passkey_steps
@@ -21,7 +21,6 @@ from .text import EVAL_MODULES, module_text, stdlib_dir, tokenize_text
 
 __all__ = ["injector_configs", "run_eval_long", "text_sources"]
 
-TRAINING_FREE_ROW = "SharedLLM training-free (merge), compressed 8x"
 SEPARATOR = "\n\n"  # between concatenated texts
 
 
