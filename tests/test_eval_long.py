@@ -301,7 +301,6 @@ def test_cli_writes_tables_json_and_plots(tiny_model_folder, tmp_path, capsys):
     (["--text", "/nonexistent/book.txt"], "--text: no such file"),
     (["--config", "{bad"], "--config is not JSON"),
     (["--config", "[1]"], "--config must be a JSON object"),
-    (["--injector", "shipped", "--config", "{}"], "needs --injector none"),
 ])
 def test_cli_rejects_bad_arguments_before_loading_a_model(options, message):
     with pytest.raises(SystemExit, match=message):
@@ -352,6 +351,39 @@ def test_config_overrides_only_the_named_fields_of_the_training_free_row():
     assert (plain.anchor_tokens, plain.retrieval_node_embedding) == (0, "last")
     changed = {f for f in config.to_dict() if config.to_dict()[f] != plain.to_dict()[f]}
     assert changed == {"anchor_tokens", "drop_node_sinks", "retrieval_node_embedding"}
+
+
+def test_config_overrides_a_trained_injector_row_and_keeps_its_weights(tiny_model_folder, tmp_path):
+    from types import SimpleNamespace
+
+    from sharedllm_ops.model.long_context import wrapped
+    from sharedllm_ops.model.long_eval import injector_configs
+    from sharedllm_ops.model.pretrained import load_base_model
+
+    folder, injector = tiny_model_folder
+    base, _ = load_base_model(str(folder))
+    trained = SharedLLMForCausalLM.from_pretrained(str(injector), base)
+    with torch.no_grad():  # weights a fresh copy-initialised injector would not have
+        for name, p in trained.named_parameters():
+            if "cross" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    saved = {k: v.clone() for k, v in trained.state_dict().items() if "cross" in k}
+    trained.save_pretrained(tmp_path / "trained")
+    trained.unwrap()
+    args = SimpleNamespace(injector=[str(tmp_path / "trained")], model=str(folder), chunk_size=64,
+                           config=['{"tree_depth": 1, "row_weight_exponent": -1}', "{}"])
+    (name, row), (_, plain) = injector_configs(args, base).items()
+    assert name == f"SharedLLM (injector {tmp_path / 'trained'}), {args.config[0]}"
+    assert plain == (str(tmp_path / "trained"), {})
+    with wrapped(base, row) as model:
+        assert (model.config.tree_depth, model.config.row_weight_exponent) == (1, -1)
+        # the rest is the injector's own config, not the training-free one
+        assert (model.config.injection, model.config.chunk_size, model.config.tokens_per_node) == ("residual", 32, 4)
+        state = model.state_dict()
+        assert saved and all(torch.equal(state[k], v) for k, v in saved.items())
+    args.config = ['{"no_such_field": 1}']
+    with pytest.raises(SystemExit, match="--config .*no_such_field"):
+        injector_configs(args, base)
 
 
 def test_validate_config_overrides_the_training_free_and_the_trained_config(tiny_model_folder, tmp_path):

@@ -48,6 +48,9 @@ def assert_same_context(got: CompressedContext, expected: CompressedContext, exa
     assert (got.k_positions is None) == (expected.k_positions is None)
     if expected.k_positions is not None:
         assert torch.equal(got.k_positions, expected.k_positions), "k_positions"
+    assert (got.row_tokens is None) == (expected.row_tokens is None)
+    if expected.row_tokens is not None:
+        assert torch.equal(got.row_tokens, expected.row_tokens), "row_tokens"
     for name, value in vars(expected.nodes).items():
         assert torch.equal(getattr(got.nodes, name), value), f"nodes.{name}"
     for kind in ("keys", "values"):
@@ -286,6 +289,21 @@ def test_growing_in_pieces_equals_compressing_at_once(positions, retrieval, toke
             logits = model(DECODER, compressed_context=grown).logits
             expected = model(DECODER, compressed_context=at_once).logits
             assert torch.equal(logits, expected)
+
+
+@pytest.mark.parametrize("drop_node_sinks", [False, True])
+def test_growing_with_row_weights_equals_compressing_at_once(drop_node_sinks):
+    model = model_with(positions="distance", row_weight_exponent=-1.0, drop_node_sinks=drop_node_sinks)
+    with torch.no_grad():
+        at_once = model.compress_context(CONTEXT, LENGTHS, QUERY)
+        assert at_once.row_tokens is not None and at_once.row_tokens.max() > 1
+        grown = _grow(model, [0, 20, 21, 64, 100, 150])
+        assert_same_context(grown, at_once)
+        assert torch.equal(model(DECODER, compressed_context=grown).logits,
+                           model(DECODER, compressed_context=at_once).logits)
+        repeated = at_once.repeat_interleave(2)
+        assert torch.equal(repeated.row_tokens[: repeated.cu_seqlens[2]],
+                           at_once.row_tokens[: at_once.cu_seqlens[1]].repeat(2))
 
 
 def test_growing_in_training_with_seeds_equals_compressing_at_once():

@@ -46,8 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=1024,
                         help="chunk length of the training-free config (--injector none) (default: 1024)")
     parser.add_argument("--config", action="append", default=None, metavar="JSON",
-                        help="SharedLLMConfig fields over the training-free config of --injector none, e.g. "
-                             "'{\"anchor_tokens\": 16}' (repeatable: one row each, named with its fields; '{}' keeps the plain row)")
+                        help="SharedLLMConfig fields over each --injector's config (the training-free one for "
+                             "'none'), e.g. '{\"anchor_tokens\": 16}' (repeatable: one row per injector and config, "
+                             "named with its fields; '{}' keeps the plain row; a trained injector's own layers and "
+                             "cross blocks cannot change)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="model dtype (default: float32)")
     parser.add_argument("--output", default="runs/eval-long",

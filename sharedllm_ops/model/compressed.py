@@ -18,6 +18,8 @@ class CompressedContext:
         cu_seqlens: int32 ``[B + 1]`` boundaries of each sequence's rows in ``keys``/``values``.
         k_positions: int32 ``[Nk]`` chunk index of every row (``positions="chunk"``), or the
             context position of the middle of its source tokens (``"distance"``), else None.
+        row_tokens: float32 ``[Nk]`` context tokens each row stands for (with ``row_weight_exponent``),
+            else None.
         num_chunks: int32 ``[B]`` (``n`` of Eq. 2: the query position); ``max_chunks`` its maximum.
         context_lengths: int64 ``[B]`` original context lengths (decoder offset for ``positions="true"``).
         nodes: the preserved nodes (sequence, chunk, start, length), left to right.
@@ -35,6 +37,7 @@ class CompressedContext:
     values: list
     cu_seqlens: torch.Tensor
     k_positions: torch.Tensor | None
+    row_tokens: torch.Tensor | None
     num_chunks: torch.Tensor
     max_chunks: int
     context_lengths: torch.Tensor
@@ -58,6 +61,7 @@ class CompressedContext:
             values=[move(v) for v in self.values],
             cu_seqlens=move(self.cu_seqlens),
             k_positions=move(self.k_positions),
+            row_tokens=move(self.row_tokens),
             num_chunks=move(self.num_chunks),
             context_lengths=move(self.context_lengths),
             nodes=None if self.nodes is None else PreservedNodes(*(move(t) for t in vars(self.nodes).values())),
@@ -78,6 +82,7 @@ class CompressedContext:
             values=[take(v) for v in self.values],
             cu_seqlens=packed.cu_seqlens,
             k_positions=take(self.k_positions),
+            row_tokens=take(self.row_tokens),
             num_chunks=self.num_chunks[row],
             context_lengths=self.context_lengths[row],
             nodes=None,  # describes the original batch only (and so a repeated context cannot grow)
@@ -114,6 +119,7 @@ class CompressedContext:
             values=[join_rows(old, new) for old, new in zip(self.values, more.values)],
             cu_seqlens=cu,
             k_positions=join_rows(self.k_positions, more.k_positions),
+            row_tokens=join_rows(self.row_tokens, more.row_tokens),
             nodes=joined_nodes,
             stats=dict(more.stats, compressed_tokens=int(cu[-1]), nodes=int(joined_nodes.row.numel())),
         )

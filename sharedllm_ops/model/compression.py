@@ -43,6 +43,7 @@ from .context import (
     chunk_groups,
     chunk_layout,
     compressed_row_centres,
+    compressed_row_tokens,
     compressed_row_sources,
     compressed_rows,
     concat_nodes,
@@ -230,8 +231,8 @@ class ContextCompressor:
         k_positions = None
         if cfg.positions == "chunk":
             k_positions = nodes.chunk.repeat_interleave(rows).to(torch.int32)
-        elif cfg.positions == "distance":  # where each row sits in the text; the attention turns it into a distance
-            sinks = node_sinks(nodes.start, nodes.length, cfg.tokens_per_node, cfg.drop_node_sinks)
+        sinks = node_sinks(nodes.start, nodes.length, cfg.tokens_per_node, cfg.drop_node_sinks)
+        if cfg.positions == "distance":  # where each row sits in the text; the attention turns it into a distance
             k_positions = compressed_row_centres(nodes.start, nodes.length, cfg.tokens_per_node, sinks).to(torch.int32)
         num_chunks = chunks.num_chunks.to(torch.int32)
         stats = {
@@ -247,6 +248,8 @@ class ContextCompressor:
             values=values,
             cu_seqlens=segment_cu_seqlens(nodes.row, rows, B),
             k_positions=k_positions,
+            row_tokens=(compressed_row_tokens(nodes.start, nodes.length, cfg.tokens_per_node, sinks)
+                        if cfg.row_weight_exponent else None),
             num_chunks=num_chunks,
             max_chunks=int(num_chunks.max()) if B else 0,
             context_lengths=tokens.total_lengths,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -67,6 +68,12 @@ class SharedLLMConfig:
             are then dropped, so that the node's own first token is no attention sink (Star
             Attention's anchor); 0: nodes are encoded alone. Replaces ``drop_node_sinks`` (which must
             then be False).
+        row_weight_exponent: ``a``: every compressed row's attention weight is multiplied by
+            ``tokens ** a``, where ``tokens`` is the number of context tokens it stands for (``a *
+            log(tokens)`` added to its logits; the context's first row, the attention sink, counts as
+            one token). 0: rows weigh alike (the paper); 1: proportional attention, as in token
+            merging, so that a row kept for 32 tokens weighs like those 32 tokens; negative values
+            favour the raw rows that retrieval kept over the pooled ones.
         max_pass_tokens: compression works through the chunks in groups of at most this many context
             tokens per pass (a longer chunk is a group of its own), so that its memory does not grow
             with the context; the result is the same. ``None``: all chunks in one pass.
@@ -92,6 +99,7 @@ class SharedLLMConfig:
     exact_distance: bool = False
     drop_node_sinks: bool = False
     anchor_tokens: int = 0
+    row_weight_exponent: float = 0.0
 
     def __post_init__(self):
         def check_int(name: str, low: int, allow_none: bool = False) -> None:
@@ -128,6 +136,9 @@ class SharedLLMConfig:
         for name in ("share_lower", "drop_node_sinks", "exact_distance"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SharedLLMConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.row_weight_exponent, bool) or not isinstance(self.row_weight_exponent, (int, float)) \
+                or not math.isfinite(self.row_weight_exponent):
+            raise ValueError(f"SharedLLMConfig.row_weight_exponent must be a finite float, got {self.row_weight_exponent!r}")
         if self.anchor_tokens and self.drop_node_sinks:
             # behind an anchor a node's first token is no sink: dropping it would only lose a token
             raise ValueError("SharedLLMConfig.anchor_tokens > 0 replaces drop_node_sinks: set drop_node_sinks=False")

@@ -363,6 +363,21 @@ def compressed_row_centres(node_start: torch.Tensor, node_len: torch.Tensor, tok
     return torch.where(node_len[node] > P, pooled, raw)
 
 
+def compressed_row_tokens(node_start: torch.Tensor, node_len: torch.Tensor, tokens_per_node: int | None,
+                          sinks: torch.Tensor) -> torch.Tensor:
+    """float32 ``[sum(kept rows)]``: how many context tokens each kept row stands for: a pooled row
+    ``1 / P`` of its node (less the sink ``sinks`` leaves out), a raw row one, and the context's
+    first row one (the attention sink: weighting it as a whole window would drown everything else)."""
+    node_len = node_len.long()
+    node, j = _kept_rows(node_len, tokens_per_node)
+    ones = torch.ones(node.numel(), dtype=torch.float32, device=node_len.device)
+    if tokens_per_node is None:
+        return ones
+    pooled = (node_len - sinks.long())[node].float() / tokens_per_node
+    sink = (node_start.long()[node] == 0) & (j == 0)
+    return torch.where((node_len[node] > tokens_per_node) & ~sink, pooled, ones)
+
+
 def segment_cu_seqlens(row: torch.Tensor, counts: torch.Tensor, batch: int) -> torch.Tensor:
     """int32 ``[batch + 1]``: boundaries of rows when items of ``row`` ``[n]`` (sorted) contribute ``counts`` ``[n]``."""
     per_row = torch.zeros(batch, dtype=torch.long, device=row.device)
@@ -382,6 +397,7 @@ __all__ = [
     "chunk_layout",
     "compressed_row_centres",
     "compressed_row_sources",
+    "compressed_row_tokens",
     "compressed_rows",
     "concat_nodes",
     "context_tokens",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from contextlib import contextmanager
 
 import torch
@@ -267,10 +268,21 @@ class InjectionState:
                 rotary_sin=sin,
             )
         k, v = ctx.keys[layer_idx], ctx.values[layer_idx]
-        return so.cross_inject_attention(
-            q.reshape(B * L, H, D).to(k.dtype), k, v, cu_q, ctx.cu_seqlens, softmax_scale=scaling, return_lse=True,
-            backend=self.config.backend, **rotary,
-        )
+        q = q.reshape(B * L, H, D).to(k.dtype)
+        if ctx.row_tokens is None:
+            return so.cross_inject_attention(q, k, v, cu_q, ctx.cu_seqlens, softmax_scale=scaling, return_lse=True,
+                                             backend=self.config.backend, **rotary)
+        # row weights: rows that stand for the same number of tokens (within 2.2%) are attended
+        # together, their log-sum-exp raised by a * log(tokens), and the groups merged: exact with
+        # the kernels as they are, at one call per group
+        out, lse = None, None
+        for log_tokens, rows, cu in row_weight_groups(ctx.row_tokens, ctx.cu_seqlens):
+            group_rotary = dict(rotary, k_positions=rotary["k_positions"][rows]) if rotary else {}
+            o, l = so.cross_inject_attention(q, k[rows], v[rows], cu_q, cu, softmax_scale=scaling, return_lse=True,
+                                             backend=self.config.backend, **group_rotary)
+            l = l + self.config.row_weight_exponent * log_tokens
+            out, lse = (o, l) if out is None else so.merge_attention(out, lse, o, l)
+        return out, lse
 
     def distance_positions(self, ctx: CompressedContext) -> torch.Tensor:
         """int32 ``[Nk]`` (``positions="distance"``): each row's rotary position, ``max_distance`` minus its
@@ -323,4 +335,25 @@ class InjectionState:
         return out.view(B, L, H, D), None
 
 
-__all__ = ["CrossBlock", "InjectionState", "RotaryTable", "new_cross_block"]
+def row_weight_groups(row_tokens: torch.Tensor, cu_seqlens: torch.Tensor):
+    """The rows of a packed context grouped by how many tokens they stand for (``row_tokens``
+    float32 ``[Nk]``, sequences bounded by ``cu_seqlens`` int32 ``[B + 1]``), in buckets 1/16 wide in
+    ``log2`` (powers of two exact, any weight within 2.2%).
+
+    Returns a list of ``(log_tokens, rows, cu_seqlens)``: the group's natural log of tokens (its bucket's
+    centre), its row indices int64 (in order, so every sequence's rows stay contiguous) and their
+    per-sequence bounds int32 ``[B + 1]``."""
+    bucket = torch.round(torch.log2(row_tokens.float()) * 16).long()
+    counts = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
+    sequence = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    groups = []
+    for b in torch.unique(bucket).tolist():
+        rows = (bucket == b).nonzero().squeeze(1)
+        per_seq = torch.zeros_like(counts).index_add_(0, sequence[rows], torch.ones_like(rows))
+        cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
+        torch.cumsum(per_seq, 0, out=cu[1:])
+        groups.append((b / 16 * math.log(2), rows, cu))
+    return groups
+
+
+__all__ = ["CrossBlock", "InjectionState", "RotaryTable", "new_cross_block", "row_weight_groups"]

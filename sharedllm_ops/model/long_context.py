@@ -109,11 +109,13 @@ def max_positions(base) -> int | None:
 @contextmanager
 def wrapped(base, config):
     """``SharedLLMForCausalLM`` around ``base`` in eval mode, unwrapped on exit. ``config``: a
-    SharedLLMConfig (training-free) or the folder of a trained injector (``save_pretrained``)."""
+    SharedLLMConfig (training-free), the folder of a trained injector (``save_pretrained``), or
+    ``(folder, overrides)``: that injector with these SharedLLMConfig fields over its own."""
     if isinstance(config, SharedLLMConfig):
         model = SharedLLMForCausalLM.from_base(base, config)
     else:
-        model = SharedLLMForCausalLM.from_pretrained(config, base)
+        folder, overrides = config if isinstance(config, tuple) else (config, {})
+        model = SharedLLMForCausalLM.from_pretrained(folder, base, **overrides)
     try:
         yield model
     finally:

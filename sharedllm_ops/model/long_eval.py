@@ -51,30 +51,36 @@ def _tokenize(tokenizer, sources, max_tokens: int) -> tuple[torch.Tensor, list[t
 
 
 def injector_configs(args, base) -> dict:
-    """Row name -> SharedLLMConfig or injector folder, for each ``--injector`` value (default: the
-    shipped injector for the embedded SmolLM2, the training-free config for any other model)."""
+    """Row name -> SharedLLMConfig, injector folder, or ``(folder, overrides)``, for each ``--injector``
+    value (default: the shipped injector for the embedded SmolLM2, the training-free config for any
+    other model) and each ``--config`` (one row per pair; without ``--config``, the plain rows)."""
     choices = args.injector or (["shipped"] if args.model is None else ["none"])
+    texts = getattr(args, "config", None) or [None]
     configs = {}
     for choice in choices:
         if choice == "none":
-            config = training_free_configs(len(base.model.layers), args.chunk_size)[TRAINING_FREE_ROW]
-            if not getattr(args, "config", None):
-                configs[TRAINING_FREE_ROW] = config
-            for text in getattr(args, "config", None) or ():
-                try:
-                    configs[f"{TRAINING_FREE_ROW}, {text}"] = dataclasses.replace(config, **config_overrides(text))
-                except (ValueError, TypeError) as e:  # an unknown field or a bad value
-                    raise SystemExit(f"--config {text}: {e}") from None
+            name, config = TRAINING_FREE_ROW, training_free_configs(len(base.model.layers), args.chunk_size)[TRAINING_FREE_ROW]
         elif choice == "shipped":
-            folder = shipped_injector()
-            if folder is None:
+            config = shipped_injector()
+            if config is None:
                 raise SystemExit("--injector shipped: this installation ships no injector; pass a folder or 'none'")
-            configs["SharedLLM (shipped injector)"] = folder
+            name = "SharedLLM (shipped injector)"
         else:
             if not (Path(choice) / "sharedllm_config.json").is_file():
                 raise SystemExit(f"--injector {choice}: not a folder written by save_pretrained "
                                  "(no sharedllm_config.json)")
-            configs[f"SharedLLM (injector {choice})"] = choice
+            name, config = f"SharedLLM (injector {choice})", choice
+        for text in texts:
+            if text is None:
+                configs[name] = config
+                continue
+            overrides = config_overrides(text)
+            try:  # an unknown field or a bad value, named before any model runs
+                checked = SharedLLMConfig.load(config) if isinstance(config, str) else config
+                checked = dataclasses.replace(checked, **overrides)
+            except (ValueError, TypeError) as e:
+                raise SystemExit(f"--config {text}: {e}") from None
+            configs[f"{name}, {text}"] = checked if isinstance(config, SharedLLMConfig) else (config, overrides)
     return configs
 
 
@@ -115,11 +121,8 @@ def _check_arguments(args) -> SweepPlan | None:
     missing = [str(p) for p in args.text or () if not Path(p).is_file()]
     if missing:
         raise SystemExit(f"--text: no such file: {', '.join(missing)}")
-    if getattr(args, "config", None):
-        if "none" not in (args.injector or ([] if args.model is None else ["none"])):
-            raise SystemExit("--config sets the training-free row's fields: it needs --injector none")
-        for text in args.config:
-            config_overrides(text)
+    for text in getattr(args, "config", None) or ():
+        config_overrides(text)
     if any(w < 2 for w in args.window):
         raise SystemExit(f"--window must be >= 2, got {args.window}")
     if "passkey" in args.tasks:
