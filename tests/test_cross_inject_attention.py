@@ -1011,3 +1011,47 @@ def test_triton_op_rejects_bad_input(change, exc, match):
     a = {**_good(), **change}
     with pytest.raises(exc, match=match):
         _call_triton_op(a)
+
+
+@requires_triton_attention
+@pytest.mark.parametrize("block", [1, 4, 16])
+def test_triton_tile_table_built_on_the_device_lists_every_tile_then_padding(block):
+    """The table against a plain enumeration of each sequence's tiles: the real tiles in order, then
+    padding entries (sequence 0, row ``total``) that the kernels skip."""
+    from sharedllm_ops.triton.cross_inject_attention import _tiles
+
+    g = torch.Generator().manual_seed(block)
+    for lengths in ([], [0], [0, 0, 3], [5, 0, 16, 1, 33], torch.randint(0, 40, (9,), generator=g).tolist()):
+        cu = torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32)
+        total = int(cu[-1])
+        expected = [(s, r) for s in range(len(lengths)) for r in range(int(cu[s]), int(cu[s + 1]), block)]
+        seq, row = _tiles(cu, total, block)
+        assert seq.dtype == row.dtype == torch.int32
+        assert seq.numel() == row.numel() == len(lengths) + total // block >= len(expected)
+        got = list(zip(seq.tolist(), row.tolist()))
+        assert got[: len(expected)] == expected
+        assert all(entry == (0, total) for entry in got[len(expected):])
+
+
+@requires_triton_attention
+@pytest.mark.parametrize("what, values, match", [
+    ("cu_seqlens_q", [1, 3, 6], "cu_seqlens_q must start at 0"),
+    ("cu_seqlens_q", [0, 4, 3], "cu_seqlens_q must start at 0, never decrease"),
+    ("cu_seqlens_k", [0, 2, 5], r"cu_seqlens_k .*end at k.shape\[0\] = 7"),
+    ("k_positions", [0, 1, 2, 3, 4, 5, 64], r"k_positions must lie in \[0, 64\)"),
+    ("q_positions", [-1, 0, 0, 0, 0, 0], r"q_positions must lie in \[0, 64\)"),
+])
+def test_triton_device_value_checks_name_what_is_wrong(what, values, match):
+    """The checks a GPU runs without a sync (``torch._assert_async``), raised at once on the CPU."""
+    from sharedllm_ops.triton.cross_inject_attention import assert_values_on_device
+
+    q, k = torch.randn(6, 2, 8), torch.randn(7, 1, 8)
+    cos = torch.ones(64, 4)
+    args = dict(cu_seqlens_q=torch.tensor([0, 3, 6], dtype=torch.int32), cu_seqlens_k=torch.tensor([0, 2, 7], dtype=torch.int32),
+                q_positions=torch.zeros(6, dtype=torch.int32), k_positions=torch.zeros(7, dtype=torch.int32))
+    assert_values_on_device("op", q, k, args["cu_seqlens_q"], args["cu_seqlens_k"], args["q_positions"],
+                            args["k_positions"], cos)  # good values pass
+    args[what] = torch.tensor(values, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=match):
+        assert_values_on_device("op", q, k, args["cu_seqlens_q"], args["cu_seqlens_k"], args["q_positions"],
+                                args["k_positions"], cos)

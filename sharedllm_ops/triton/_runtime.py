@@ -21,6 +21,12 @@ def autotuning() -> bool:
     return os.environ.get("SHAREDLLM_TRITON_AUTOTUNE", "1").lower() not in ("0", "false", "off")
 
 
+def host_checks() -> bool:
+    """True when ``SHAREDLLM_HOST_CHECKS=1``: check index values on the host (a sync per call, exact
+    errors you can catch) instead of on the device, as the CUDA bindings do."""
+    return os.environ.get("SHAREDLLM_HOST_CHECKS", "0") == "1"
+
+
 def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
     """Why Triton's interpreter cannot run our kernels with these versions, or None. Triton < 3.7
     converts loaded scalars with ``int(array)``, which NumPy >= 2.4 rejects for 1-element arrays

@@ -3,8 +3,11 @@
 Forward: FlashAttention-style tiles. One program per (query tile, query head) loads its queries
 once, applies the rotary embedding to them in registers, then streams the keys and values of its
 sequence in blocks (rotating each key block as it is loaded) with an online softmax in base 2, and
-writes ``out`` and the natural-log ``lse``. Varlen packing is a host-built table of
-(sequence, first row) per tile, so a batch of short and long sequences launches only real tiles.
+writes ``out`` and the natural-log ``lse``. Varlen packing is a table of (sequence, first row) per
+tile, built on the device from ``cu_seqlens`` (no host sync): its size is the bound ``B + N // BLOCK``
+known from the shapes, and the few tiles past the real ones point beyond every row and do nothing.
+On a GPU the value checks run on the device too (``torch._assert_async``), unless
+``SHAREDLLM_HOST_CHECKS=1`` asks for exact, catchable errors, as in the CUDA bindings.
 
 Backward: the rotary is applied once in PyTorch (elementwise), then two kernels without atomics:
 one program per (key tile, kv head) accumulates ``dk``/``dv`` over every query of its sequence and
@@ -27,7 +30,7 @@ from ..core.checks import (
 from ..core.registration import register_cross_inject_attention
 from ..reference.rotary import apply_rotary
 from ._common import check_launch, next_pow2
-from ._runtime import autotuning, interpreting
+from ._runtime import autotuning, host_checks, interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -37,9 +40,13 @@ def _query_tile(tile_seq_ptr, tile_row_ptr, cu_q_ptr, cu_k_ptr, BLOCK_M: tl.cons
     """The query rows of this program's tile (and which are in its sequence), and the sequence's keys."""
     tile = tl.program_id(0)
     seq = tl.load(tile_seq_ptr + tile)
-    rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
-    row_ok = rows < tl.load(cu_q_ptr + seq + 1)
-    return rows, row_ok, tl.load(cu_k_ptr + seq), tl.load(cu_k_ptr + seq + 1)
+    row0 = tl.load(tile_row_ptr + tile)
+    q_end = tl.load(cu_q_ptr + seq + 1)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_end
+    k_start = tl.load(cu_k_ptr + seq)
+    k_end = tl.where(row0 < q_end, tl.load(cu_k_ptr + seq + 1), k_start)  # a padding tile reads no keys
+    return rows, row_ok, k_start, k_end
 
 
 @triton.jit
@@ -146,8 +153,8 @@ def _attn_bwd_dkdv_kernel(
     seq = tl.load(tile_seq_ptr + tile)
     key0 = tl.load(tile_row_ptr + tile)
     q_start = tl.load(cu_q_ptr + seq)
-    q_end = tl.load(cu_q_ptr + seq + 1)
     k_end = tl.load(cu_k_ptr + seq + 1)
+    q_end = tl.where(key0 < k_end, tl.load(cu_q_ptr + seq + 1), q_start)  # a padding tile reads no queries
     DTYPE: tl.constexpr = q_ptr.dtype.element_ty
 
     keys = key0 + tl.arange(0, BLOCK_N)
@@ -221,14 +228,25 @@ def _attn_bwd_dq_kernel(
 # host side
 
 
-def _tiles(cu: list[int], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """int32 (sequence, first row) of every ``block``-row tile of every non-empty sequence."""
-    seqs, rows = [], []
-    for s in range(len(cu) - 1):
-        for r in range(cu[s], cu[s + 1], block):
-            seqs.append(s)
-            rows.append(r)
-    return (torch.tensor(seqs, dtype=torch.int32).to(device), torch.tensor(rows, dtype=torch.int32).to(device))
+def _tiles(cu: torch.Tensor, total: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 ``(sequence, first row)`` of every ``block``-row tile of every non-empty sequence of
+    ``cu`` (``[B + 1]`` boundaries of ``total`` rows), built on ``cu``'s device without reading it on
+    the host. The table has ``B + total // block`` entries, a bound on the tiles that the shapes give
+    (``sum(ceil(n_b / block)) <= sum(n_b // block + 1)``); the entries past the real tiles are
+    ``(0, total)``: rows beyond every sequence, so those programs read and write nothing."""
+    B = cu.numel() - 1
+    size = B + total // block
+    if size == 0:
+        return (torch.zeros(0, dtype=torch.int32, device=cu.device),) * 2
+    cu = cu.long()
+    tiles = (cu[1:] - cu[:-1] + block - 1) // block
+    ends = torch.cumsum(tiles, 0)
+    t = torch.arange(size, device=cu.device)
+    seq = torch.searchsorted(ends, t, right=True)  # the sequence whose tiles cover t, B past the last
+    real = seq < B
+    seq = seq.clamp(max=B - 1)
+    row = cu[seq] + (t - (ends[seq] - tiles[seq])) * block
+    return torch.where(real, seq, 0).to(torch.int32), torch.where(real, row, total).to(torch.int32)
 
 
 def _tile_sizes(D: int, Dv: int, dtype: torch.dtype) -> dict:
@@ -270,14 +288,32 @@ def _low_precision(dtype: torch.dtype) -> bool:
     return dtype != torch.float32 and not interpreting()
 
 
-def _check(q, k, v, cu_q, cu_k, q_pos, k_pos, cos, sin, what: str) -> tuple[list[int], list[int]]:
-    """The public function's argument checks, then the value checks the kernels rely on; returns
-    the boundaries on the host (they build the tile tables)."""
+def _check(q, k, v, cu_q, cu_k, q_pos, k_pos, cos, sin, what: str) -> None:
+    """The public function's argument checks, then the value checks the kernels rely on: on the
+    host where the tensors are (the interpreter) or ``SHAREDLLM_HOST_CHECKS=1`` asks for it, else
+    on the device, without a sync."""
     check_cross_inject_attention_arguments(q, k, v, cu_q, cu_k, q_pos, k_pos, cos, sin)
     check_devices(q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     check_launch(what, q)
-    check_cross_inject_attention_values(q, k, cu_q, cu_k, q_pos, k_pos, cos)
-    return cu_q.tolist(), cu_k.tolist()
+    if q.device.type == "cpu" or host_checks():
+        check_cross_inject_attention_values(q, k, cu_q, cu_k, q_pos, k_pos, cos)
+    else:
+        assert_values_on_device(what, q, k, cu_q, cu_k, q_pos, k_pos, cos)
+
+
+def assert_values_on_device(what: str, q, k, cu_q, cu_k, q_pos, k_pos, cos) -> None:
+    """The value checks of ``check_cross_inject_attention_values`` as asynchronous device asserts
+    (``torch._assert_async``: a bad value fails a later CUDA call; on the CPU it raises here)."""
+    for cu, total, name, total_name in ((cu_q, q.shape[0], "cu_seqlens_q", "q.shape[0]"),
+                                        (cu_k, k.shape[0], "cu_seqlens_k", "k.shape[0]")):
+        ok = (cu[0] == 0) & (cu[-1] == total) & torch.all(cu[1:] >= cu[:-1])
+        torch._assert_async(ok, f"{what}: {name} must start at 0, never decrease and end at {total_name} = {total}")
+    if cos is None:
+        return
+    for pos, name in ((q_pos, "q_positions"), (k_pos, "k_positions")):
+        if pos.numel():
+            ok = (pos.min() >= 0) & (pos.max() < cos.shape[0])
+            torch._assert_async(ok, f"{what}: {name} must lie in [0, {cos.shape[0]}) (the rows of the rotary table)")
 
 
 _TUNED = {
@@ -294,8 +330,8 @@ def cross_inject_attention(
     rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [Nq, Hq, Dv], lse float32 [Nq, Hq])`` (see ``sharedllm_ops.cross_inject_attention``)."""
-    cu_q, _ = _check(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, rotary_cos, rotary_sin,
-                     "cross_inject_attention")
+    _check(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, rotary_cos, rotary_sin,
+           "cross_inject_attention")
     cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, rotary_cos, rotary_sin = _dense_indices(
         cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, rotary_cos, rotary_sin)
     Nq, Hq, D = q.shape
@@ -306,7 +342,7 @@ def cross_inject_attention(
         return out, lse
     rotary = rotary_cos is not None
     blocks = _tile_sizes(D, Dv, q.dtype)
-    tile_seq, tile_row = _tiles(cu_q, blocks["BLOCK_M"], q.device)
+    tile_seq, tile_row = _tiles(cu_seqlens_q, Nq, blocks["BLOCK_M"])
     if tile_seq.numel() == 0:
         return out, lse
     dummy = cu_seqlens_q  # any tensor stands in for the rotary arguments when there is none
@@ -338,8 +374,8 @@ def cross_inject_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)``, contiguous, in the inputs' dtype."""
     check_cross_inject_attention_backward_arguments(grad_out, grad_lse, q, out, lse, v.shape[2])
-    cu_q, cu_k = _check(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, rotary_cos, rotary_sin,
-                        "cross_inject_attention_backward")
+    _check(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, rotary_cos, rotary_sin,
+           "cross_inject_attention_backward")
     cu_seqlens_q, cu_seqlens_k = _dense_indices(cu_seqlens_q, cu_seqlens_k)
     Nq, Hq, D = q.shape
     Nk, Hk, Dv = v.shape
@@ -365,14 +401,14 @@ def cross_inject_attention_backward(
     scale = float(softmax_scale)
     strides = (q_r.stride(0), q_r.stride(1), k_r.stride(0), k_r.stride(1), v.stride(0), v.stride(1),
                grad_out.stride(0), grad_out.stride(1))
-    key_seq, key_row = _tiles(cu_k, blocks["BLOCK_N"], q.device)
+    key_seq, key_row = _tiles(cu_seqlens_k, Nk, blocks["BLOCK_N"])
     if key_seq.numel() and Hk:
         _launch(
             _attn_bwd_dkdv_kernel, "BLOCK_M", (key_seq.numel(), Hk),
             q_r, k_r, v, grad_out, lse, delta, cu_seqlens_q, cu_seqlens_k, key_seq, key_row, dk, dv, *strides,
             Hq, Hk, Hq // Hk, D, Dv, scale, scale * LOG2E, LOW_PRECISION=low, **blocks,
         )
-    query_seq, query_row = _tiles(cu_q, blocks["BLOCK_M"], q.device)
+    query_seq, query_row = _tiles(cu_seqlens_q, Nq, blocks["BLOCK_M"])
     if query_seq.numel() and Hq:
         _launch(
             _attn_bwd_dq_kernel, "BLOCK_N", (query_seq.numel(), Hq),
