@@ -42,28 +42,29 @@ def causal_kv(base, tokens, positions):
 
 
 @pytest.mark.parametrize("positions", ["true", "chunk"])
-@pytest.mark.parametrize("anchor", [CHUNK, 8])
-def test_a_node_behind_an_anchor_has_the_keys_of_one_pass_over_anchor_and_node(positions, anchor):
+@pytest.mark.parametrize("anchor,lead", [(CHUNK, 0), (8, 0), (8, 5), (0, 5), (4, CHUNK)])
+def test_a_node_behind_an_anchor_has_the_keys_of_one_pass_over_anchor_and_node(positions, anchor, lead):
     context = ids(2 * CHUNK + 11, seed=1)  # two full chunks and a short third, all of them nodes (no tree)
-    base, model = wrapped(positions=positions, anchor_tokens=anchor)
+    base, model = wrapped(positions=positions, anchor_tokens=anchor, lead_tokens=lead)
     with torch.no_grad():
         ctx = model.compress_context(context[None])
     rows = []
     for start in (0, CHUNK, 2 * CHUNK):
         node = context[start : start + CHUNK]
         a = min(anchor, start)  # the first chunk is the context's start: no anchor
-        tokens = torch.cat([context[:a], node])
-        if positions == "true":  # the anchor at its own positions, the node at its place in the text
-            pos = torch.cat([torch.arange(a), torch.arange(start, start + node.numel())])
-        else:  # nodes are encoded from position 0: the anchor first, the node after it
+        n = min(lead, start - a)  # the tokens just before the node that the anchor does not hold
+        tokens = torch.cat([context[:a], context[start - n : start], node])
+        if positions == "true":  # the anchor and the lead at their own positions, the node at its place in the text
+            pos = torch.cat([torch.arange(a), torch.arange(start - n, start + node.numel())])
+        else:  # nodes are encoded from position 0: the anchor first, then the lead, then the node
             pos = torch.arange(tokens.numel())
-        rows.append([(k[a:], v[a:]) for k, v in causal_kv(base, tokens, pos)])
+        rows.append([(k[a + n:], v[a + n:]) for k, v in causal_kv(base, tokens, pos)])
     for layer in range(M):
         for kind in (0, 1):
             expected = torch.cat([r[layer][kind] for r in rows])
             torch.testing.assert_close(ctx.keys[layer] if kind == 0 else ctx.values[layer], expected,
                                        atol=2e-5, rtol=1e-4)
-    if anchor == CHUNK and positions == "true":  # the whole first chunk as anchor: one causal pass over two chunks
+    if anchor + lead >= CHUNK and positions == "true":  # the whole first chunk as anchor: one causal pass over two chunks
         whole = causal_kv(base, context[: 2 * CHUNK], torch.arange(2 * CHUNK))
         torch.testing.assert_close(ctx.keys[1][: 2 * CHUNK], whole[1][0], atol=2e-5, rtol=1e-4)
 
@@ -92,11 +93,12 @@ def test_the_anchor_changes_the_later_nodes_only_and_keeps_every_row():
     assert (b.keys[1][~rows_of_first] - a.keys[1][~rows_of_first]).abs().amax(-1).amax(-1).min() > 1e-4
 
 
-def test_growing_a_context_refuses_an_anchor():
-    _, model = wrapped(anchor_tokens=4)
+@pytest.mark.parametrize("setting", [dict(anchor_tokens=4), dict(lead_tokens=4)])
+def test_growing_a_context_refuses_an_anchor(setting):
+    _, model = wrapped(**setting)
     with torch.no_grad():
         ctx = model.compress_context(ids(1, CHUNK + 3, seed=3))
-        with pytest.raises(ValueError, match="anchor_tokens"):
+        with pytest.raises(ValueError, match="anchor_tokens > 0 or lead_tokens"):
             model.compress_context(ids(1, 5, seed=4), into=ctx)
 
 
@@ -132,7 +134,7 @@ def test_mean_node_embeddings_and_a_query_of_its_last_tokens():
     torch.testing.assert_close(got[1], normed_layer0_states(base, query[1, :2]).mean(0), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("field,value", [("anchor_tokens", -1), ("anchor_tokens", True),
+@pytest.mark.parametrize("field,value", [("anchor_tokens", -1), ("anchor_tokens", True), ("lead_tokens", -2),
                                          ("retrieval_node_embedding", "max"), ("retrieval_query_tokens", 0)])
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -141,6 +143,7 @@ def test_bad_settings_name_the_field(field, value):
 
 @pytest.mark.parametrize("settings, message", [
     (dict(anchor_tokens=4, drop_node_sinks=True), "drop_node_sinks=False"),
+    (dict(lead_tokens=4, drop_node_sinks=True), "lead_tokens > 0 replaces drop_node_sinks"),
     (dict(exact_distance=True, positions="true"), "exact_distance needs positions='distance'"),
 ])
 def test_settings_that_do_not_combine_are_refused(settings, message):

@@ -199,8 +199,9 @@ class ContextCompressor:
         if into is None:
             tokens, reopened = context_tokens(context_input_ids, lengths, cfg.chunk_size)
         else:
-            if cfg.anchor_tokens:  # the anchor is the context's start, which a grown context no longer holds
-                raise ValueError("compress_context(into=...) does not support SharedLLMConfig.anchor_tokens > 0 yet")
+            if cfg.anchor_tokens or cfg.lead_tokens:  # a grown context no longer holds the tokens they read
+                raise ValueError("compress_context(into=...) does not support SharedLLMConfig.anchor_tokens > 0 "
+                                 "or lead_tokens > 0 yet")
             check_into(into, B, self.device, cfg)
             tokens, reopened = context_tokens(context_input_ids, lengths, cfg.chunk_size, into.context_lengths,
                                               into.tail_input_ids)
@@ -335,27 +336,29 @@ class ContextCompressor:
         With ``anchor_tokens = a``, a node that does not start its context is encoded behind the
         context's first ``min(a, start)`` tokens, whose rows are then dropped (the anchor of Star
         Attention, arXiv 2411.17116): the anchor takes the attention-sink role that the node's own
-        first token would otherwise take, and no token of the node is lost."""
+        first token would otherwise take, and no token of the node is lost. With ``lead_tokens = n``
+        the node is also encoded behind the (at most ``n``) tokens just before it that the anchor
+        does not hold, dropped as well."""
         cfg = self.config
         flat = tokens.ids.reshape(-1)
-        if not cfg.anchor_tokens:
+        if not cfg.anchor_tokens and not cfg.lead_tokens:
             positions = packed.offset if cfg.positions != "true" else nodes.start[packed.segment] + packed.offset
             _, kv = self.encode_packed(flat[packed.index], positions, packed.cu_seqlens, self.lower,
                                        capture_layers=range(M), stop_after=M - 1)
             return kv, positions
         anchor = nodes.start.clamp(max=cfg.anchor_tokens)
-        full = pack_segments(tokens.flat_index(nodes.row, torch.zeros_like(nodes.start)), anchor + nodes.length)
+        lead = torch.minimum(nodes.start - anchor, torch.full_like(nodes.start, cfg.lead_tokens))
+        prefix = anchor + lead
+        full = pack_segments(tokens.flat_index(nodes.row, torch.zeros_like(nodes.start)), prefix + nodes.length)
         seg, offset = full.segment, full.offset
-        in_anchor = offset < anchor[seg]
-        node_offset = offset - anchor[seg]  # position of a node token within its node
-        index = torch.where(in_anchor, full.index, tokens.flat_index(nodes.row, nodes.start)[seg] + node_offset)
-        if cfg.positions == "true":
-            positions = torch.where(in_anchor, offset, nodes.start[seg] + node_offset)
-        else:
-            positions = offset
+        in_prefix = offset < prefix[seg]
+        # the text position of every encoded token: the anchor from 0, the lead just before the node, the node
+        text = torch.where(offset < anchor[seg], offset, nodes.start[seg] - prefix[seg] + offset)
+        index = tokens.flat_index(nodes.row, torch.zeros_like(nodes.start))[seg] + text
+        positions = text if cfg.positions == "true" else offset
         _, kv = self.encode_packed(flat[index], positions, full.cu_seqlens, self.lower,
                                    capture_layers=range(M), stop_after=M - 1)
-        kept = (~in_anchor).nonzero().squeeze(1)  # in the order of ``packed``
+        kept = (~in_prefix).nonzero().squeeze(1)  # in the order of ``packed``
         return {i: (k[kept], v[kept]) for i, (k, v) in kv.items()}, positions[kept]
 
 

@@ -68,6 +68,10 @@ class SharedLLMConfig:
             are then dropped, so that the node's own first token is no attention sink (Star
             Attention's anchor); 0: nodes are encoded alone. Replaces ``drop_node_sinks`` (which must
             then be False).
+        lead_tokens: every node is also encoded behind the ``lead_tokens`` tokens that precede it in
+            the text (after the anchor, fewer where they would overlap it), whose keys and values are
+            dropped too: a node cut out of its sentence still reads the sentence's start. 0: none.
+            Like ``anchor_tokens``, it replaces ``drop_node_sinks``.
         row_weight_exponent: ``a``: every compressed row's attention weight is multiplied by
             ``tokens ** a``, where ``tokens`` is the number of context tokens it stands for (``a *
             log(tokens)`` added to its logits; the context's first row, the attention sink, counts as
@@ -99,6 +103,7 @@ class SharedLLMConfig:
     exact_distance: bool = False
     drop_node_sinks: bool = False
     anchor_tokens: int = 0
+    lead_tokens: int = 0
     row_weight_exponent: float = 0.0
 
     def __post_init__(self):
@@ -122,6 +127,7 @@ class SharedLLMConfig:
         check_int("max_pass_tokens", 1, allow_none=True)
         check_int("distance_scale", 1)
         check_int("anchor_tokens", 0)
+        check_int("lead_tokens", 0)
         check_int("retrieval_query_tokens", 1)
         check_int("max_distance", 1)
         check_choice("pool_mode", ("mean", "first"))
@@ -139,9 +145,10 @@ class SharedLLMConfig:
         if isinstance(self.row_weight_exponent, bool) or not isinstance(self.row_weight_exponent, (int, float)) \
                 or not math.isfinite(self.row_weight_exponent):
             raise ValueError(f"SharedLLMConfig.row_weight_exponent must be a finite float, got {self.row_weight_exponent!r}")
-        if self.anchor_tokens and self.drop_node_sinks:
-            # behind an anchor a node's first token is no sink: dropping it would only lose a token
-            raise ValueError("SharedLLMConfig.anchor_tokens > 0 replaces drop_node_sinks: set drop_node_sinks=False")
+        for name in ("anchor_tokens", "lead_tokens"):
+            if getattr(self, name) and self.drop_node_sinks:
+                # behind an anchor a node's first token is no sink: dropping it would only lose a token
+                raise ValueError(f"SharedLLMConfig.{name} > 0 replaces drop_node_sinks: set drop_node_sinks=False")
         if self.exact_distance and self.positions != "distance":
             raise ValueError(f"SharedLLMConfig.exact_distance needs positions='distance', got {self.positions!r}")
 
