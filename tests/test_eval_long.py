@@ -386,6 +386,22 @@ def test_config_overrides_a_trained_injector_row_and_keeps_its_weights(tiny_mode
         injector_configs(args, base)
 
 
+def test_config_overrides_the_shipped_injector_row():
+    from types import SimpleNamespace
+
+    from sharedllm_ops.model.long_eval import _described, injector_configs
+    from sharedllm_ops.model.pretrained import shipped_injector
+
+    if shipped_injector() is None:
+        pytest.skip("this installation ships no injector")
+    base = SimpleNamespace(model=SimpleNamespace(layers=[None] * 30))
+    args = SimpleNamespace(injector=["shipped"], model=None, chunk_size=1024, config=['{"lead_tokens": 8, "drop_node_sinks": false}'])
+    ((name, row),) = injector_configs(args, base).items()
+    assert name == f"SharedLLM (shipped injector), {args.config[0]}"
+    assert row == (str(shipped_injector()), {"lead_tokens": 8, "drop_node_sinks": False})
+    assert _described(row) == {"injector": str(shipped_injector()), "overrides": row[1]}
+
+
 def test_validate_config_overrides_the_training_free_and_the_trained_config(tiny_model_folder, tmp_path):
     folder, injector = tiny_model_folder
     common = ["validate", "--model", str(folder), "--modules", "json/decoder.py", "--window", "48", "--last", "8",

@@ -69,6 +69,23 @@ def test_a_node_behind_an_anchor_has_the_keys_of_one_pass_over_anchor_and_node(p
         torch.testing.assert_close(ctx.keys[1][: 2 * CHUNK], whole[1][0], atol=2e-5, rtol=1e-4)
 
 
+def test_a_lead_in_a_batch_equals_each_sequence_alone():
+    """Lead and anchor indexing per sequence (different lengths, a tree, distance positions)."""
+    context = ids(2, 3 * CHUNK, seed=6)
+    lengths = torch.tensor([3 * CHUNK, 2 * CHUNK - 7])
+    _, model = wrapped(tree_depth=2, tokens_per_node=4, positions="distance", anchor_tokens=3, lead_tokens=6)
+    with torch.no_grad():
+        both = model.compress_context(context, lengths, query_input_ids=context[:, :5])
+        alone = [model.compress_context(context[b : b + 1, : int(lengths[b])], query_input_ids=context[b : b + 1, :5])
+                 for b in range(2)]
+    cu = both.cu_seqlens.tolist()
+    for b in range(2):
+        for layer in range(M):
+            torch.testing.assert_close(both.keys[layer][cu[b] : cu[b + 1]], alone[b].keys[layer], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(both.values[layer][cu[b] : cu[b + 1]], alone[b].values[layer], atol=2e-5, rtol=1e-4)
+        assert torch.equal(both.k_positions[cu[b] : cu[b + 1]], alone[b].k_positions)
+
+
 def test_the_anchor_changes_the_later_nodes_only_and_keeps_every_row():
     context = ids(3, 3 * CHUNK, seed=2)
     lengths = torch.tensor([3 * CHUNK, 2 * CHUNK - 5, 0])

@@ -104,6 +104,50 @@ def test_a_row_for_w_tokens_attends_like_w_copies_of_itself(injection, positions
     assert (weighted - unweighted).abs().max() > 1e-3  # the weights do change the answer
 
 
+def test_negative_exponent_in_the_cross_block_attends_like_copies_of_the_lighter_rows():
+    """In a residual cross block only the context softmax matters (not its lse), so weights t**-1
+    with t in {1, 2} act as 2 copies of every one-token row and 1 of every two-token row."""
+    base = tiny_model("llama", seed=0)
+    cfg = SharedLLMConfig(num_injected_layers=M, chunk_size=CHUNK, tree_depth=1, tokens_per_node=P, pool_mode="mean",
+                          positions="distance", row_weight_exponent=-1.0)
+    model = SharedLLMForCausalLM.from_base(base, cfg).eval()
+    g = torch.Generator().manual_seed(4)
+    context, decoder = torch.randint(3, 128, (2, 3 * CHUNK + 5), generator=g), torch.randint(3, 128, (2, 12), generator=g)
+    with torch.no_grad():
+        ctx = model.compress_context(context)
+        weighted = model(decoder, compressed_context=ctx, use_cache=False).logits
+        plain = model(decoder, compressed_context=duplicated(ctx, (2 / ctx.row_tokens).round().long()), use_cache=False).logits
+    torch.testing.assert_close(weighted, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("injection", ["merge", "residual"])
+def test_row_weights_with_no_context_rows_at_all(injection):
+    base = tiny_model("llama", seed=0)
+    logits = []
+    for exponent in (0.0, -1.0):
+        cfg = SharedLLMConfig(num_injected_layers=M, chunk_size=CHUNK, tree_depth=1, tokens_per_node=P,
+                              injection=injection, positions="distance", row_weight_exponent=exponent)
+        model = SharedLLMForCausalLM.from_base(base, cfg).eval()
+        with torch.no_grad():
+            ctx = model.compress_context(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+            logits.append(model(torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(5)),
+                                compressed_context=ctx, use_cache=False).logits)
+        model.unwrap()
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_growing_a_context_needs_the_same_row_weights():
+    base = tiny_model("llama", seed=0)
+    kw = dict(num_injected_layers=M, chunk_size=CHUNK, tree_depth=1, tokens_per_node=P, positions="distance")
+    weighted = SharedLLMForCausalLM.from_base(base, SharedLLMConfig(**kw, row_weight_exponent=1.0)).eval()
+    with torch.no_grad():
+        ctx = weighted.compress_context(torch.randint(3, 128, (1, CHUNK + 3)))
+    weighted.unwrap()
+    plain = SharedLLMForCausalLM.from_base(base, SharedLLMConfig(**kw)).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="row_weight_exponent"):
+        plain.compress_context(torch.randint(3, 128, (1, 5)), into=ctx)
+
+
 def test_exponent_zero_keeps_no_row_weights_and_bad_exponents_are_refused():
     assert SharedLLMConfig().row_weight_exponent == 0.0
     for bad in (True, "1", float("nan"), float("inf")):

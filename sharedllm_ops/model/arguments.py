@@ -83,6 +83,8 @@ def check_into(into, batch: int, device, config: SharedLLMConfig) -> None:
         raise ValueError(f"into is on {into.device} but the model is on {device}")
     if len(into.keys) != config.num_injected_layers or (into.k_positions is None) != (config.positions == "true"):
         raise ValueError("into was compressed by a model with another config (injected layers or positions)")
+    if (into.row_tokens is None) != (config.row_weight_exponent == 0):
+        raise ValueError("into was compressed by a model with another config (row_weight_exponent zero or not)")
 
 
 __all__ = ["check_context", "check_into", "check_query", "check_split_noise_seeds", "pass_tokens"]

@@ -44,6 +44,16 @@ class CompressedContext:
     nodes: PreservedNodes | None = None
     stats: dict = field(default_factory=dict)
     tail_input_ids: torch.Tensor | None = None
+    _row_groups: list | None = field(default=None, init=False, repr=False, compare=False)
+
+    def row_groups(self) -> list:
+        """The rows grouped by weight (``injection.row_weight_groups``), computed once per context:
+        every injected layer and every decoding step attends with the same groups."""
+        if self._row_groups is None:
+            from .injection import row_weight_groups  # injection imports this module
+
+            self._row_groups = row_weight_groups(self.row_tokens, self.cu_seqlens)
+        return self._row_groups
 
     @property
     def batch_size(self) -> int:

@@ -77,7 +77,8 @@ class SharedLLMConfig:
             log(tokens)`` added to its logits; the context's first row, the attention sink, counts as
             one token). 0: rows weigh alike (the paper); 1: proportional attention, as in token
             merging, so that a row kept for 32 tokens weighs like those 32 tokens; negative values
-            favour the raw rows that retrieval kept over the pooled ones.
+            favour the raw rows that retrieval kept over the pooled ones. ``tokens`` is rounded to
+            buckets 1/16 wide in ``log2`` (powers of two exact; the weight within ``2 ** (|a| / 32)``).
         max_pass_tokens: compression works through the chunks in groups of at most this many context
             tokens per pass (a longer chunk is a group of its own), so that its memory does not grow
             with the context; the result is the same. ``None``: all chunks in one pass.

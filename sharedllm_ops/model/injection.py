@@ -269,14 +269,15 @@ class InjectionState:
             )
         k, v = ctx.keys[layer_idx], ctx.values[layer_idx]
         q = q.reshape(B * L, H, D).to(k.dtype)
-        if ctx.row_tokens is None:
+        groups = ctx.row_groups() if ctx.row_tokens is not None else []
+        if not groups:  # no weights, or no rows at all (out = 0, lse = -inf)
             return so.cross_inject_attention(q, k, v, cu_q, ctx.cu_seqlens, softmax_scale=scaling, return_lse=True,
                                              backend=self.config.backend, **rotary)
         # row weights: rows that stand for the same number of tokens (within 2.2%) are attended
         # together, their log-sum-exp raised by a * log(tokens), and the groups merged: exact with
         # the kernels as they are, at one call per group
         out, lse = None, None
-        for log_tokens, rows, cu in row_weight_groups(ctx.row_tokens, ctx.cu_seqlens):
+        for log_tokens, rows, cu in groups:
             group_rotary = dict(rotary, k_positions=rotary["k_positions"][rows]) if rotary else {}
             o, l = so.cross_inject_attention(q, k[rows], v[rows], cu_q, cu, softmax_scale=scaling, return_lse=True,
                                              backend=self.config.backend, **group_rotary)

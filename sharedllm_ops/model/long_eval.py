@@ -50,6 +50,15 @@ def _tokenize(tokenizer, sources, max_tokens: int) -> tuple[torch.Tensor, list[t
     return (torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)), spans
 
 
+def _described(config) -> dict | str:
+    """What results.json records of a row's config: its fields, its injector folder, or both."""
+    if isinstance(config, SharedLLMConfig):
+        return config.to_dict()
+    if isinstance(config, tuple):
+        return {"injector": config[0], "overrides": config[1]}
+    return str(config)
+
+
 def injector_configs(args, base) -> dict:
     """Row name -> SharedLLMConfig, injector folder, or ``(folder, overrides)``, for each ``--injector``
     value (default: the shipped injector for the embedded SmolLM2, the training-free config for any
@@ -76,11 +85,11 @@ def injector_configs(args, base) -> dict:
                 continue
             overrides = config_overrides(text)
             try:  # an unknown field or a bad value, named before any model runs
-                checked = SharedLLMConfig.load(config) if isinstance(config, str) else config
+                checked = config if isinstance(config, SharedLLMConfig) else SharedLLMConfig.load(config)
                 checked = dataclasses.replace(checked, **overrides)
             except (ValueError, TypeError) as e:
                 raise SystemExit(f"--config {text}: {e}") from None
-            configs[f"{name}, {text}"] = checked if isinstance(config, SharedLLMConfig) else (config, overrides)
+            configs[f"{name}, {text}"] = checked if isinstance(config, SharedLLMConfig) else (str(config), overrides)
     return configs
 
 
@@ -155,8 +164,7 @@ def run_eval_long(args) -> int:
         except ValueError as e:
             raise SystemExit(str(e)) from None
     settings = dict(model=args.model or "embedded SmolLM2-135M-Instruct", max_position_embeddings=positions,
-                    injectors={name: c.to_dict() if isinstance(c, SharedLLMConfig) else str(c)
-                               for name, c in configs.items()},
+                    injectors={name: _described(c) for name, c in configs.items()},
                     windows=list(args.window), device=args.device, dtype=args.dtype,
                     threads=torch.get_num_threads(), load_s=round(time.perf_counter() - start, 1))
     print(f"eval-long: {settings['model']} (positions {positions}), {args.dtype} on {args.device}; "
