@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import sharedllm_ops as so
-from sharedllm_ops.model.context import compressed_row_tokens
-from sharedllm_ops.model.injection import row_weight_groups
+from sharedllm_ops.model.context import compressed_row_tokens, row_weight_groups
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .context import PreservedNodes, compressed_rows, pack_segments
+from .context import PreservedNodes, compressed_rows, pack_segments, row_weight_groups
 
 
 @dataclass
@@ -47,11 +47,9 @@ class CompressedContext:
     _row_groups: list | None = field(default=None, init=False, repr=False, compare=False)
 
     def row_groups(self) -> list:
-        """The rows grouped by weight (``injection.row_weight_groups``), computed once per context:
+        """The rows grouped by weight (``context.row_weight_groups``), computed once per context:
         every injected layer and every decoding step attends with the same groups."""
         if self._row_groups is None:
-            from .injection import row_weight_groups  # injection imports this module
-
             self._row_groups = row_weight_groups(self.row_tokens, self.cu_seqlens)
         return self._row_groups
 

@@ -10,6 +10,7 @@ Conventions: a batch of ``B`` right-padded contexts ``[B, Lc]`` with true length
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -378,6 +379,27 @@ def compressed_row_tokens(node_start: torch.Tensor, node_len: torch.Tensor, toke
     return torch.where((node_len[node] > tokens_per_node) & ~sink, pooled, ones)
 
 
+def row_weight_groups(row_tokens: torch.Tensor, cu_seqlens: torch.Tensor):
+    """The rows of a packed context grouped by how many tokens they stand for (``row_tokens``
+    float32 ``[Nk]``, sequences bounded by ``cu_seqlens`` int32 ``[B + 1]``), in buckets 1/16 wide in
+    ``log2`` (powers of two exact, any weight within 2.2%).
+
+    Returns a list of ``(log_tokens, rows, cu_seqlens)``: the group's natural log of tokens (its bucket's
+    centre), its row indices int64 (in order, so every sequence's rows stay contiguous) and their
+    per-sequence bounds int32 ``[B + 1]``."""
+    bucket = torch.round(torch.log2(row_tokens.float()) * 16).long()
+    counts = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
+    sequence = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    groups = []
+    for b in torch.unique(bucket).tolist():
+        rows = (bucket == b).nonzero().squeeze(1)
+        per_seq = torch.zeros_like(counts).index_add_(0, sequence[rows], torch.ones_like(rows))
+        cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
+        torch.cumsum(per_seq, 0, out=cu[1:])
+        groups.append((b / 16 * math.log(2), rows, cu))
+    return groups
+
+
 def segment_cu_seqlens(row: torch.Tensor, counts: torch.Tensor, batch: int) -> torch.Tensor:
     """int32 ``[batch + 1]``: boundaries of rows when items of ``row`` ``[n]`` (sorted) contribute ``counts`` ``[n]``."""
     per_row = torch.zeros(batch, dtype=torch.long, device=row.device)
@@ -408,6 +430,7 @@ __all__ = [
     "pooled_segments",
     "preserved_nodes",
     "right_descent_node_ids",
+    "row_weight_groups",
     "segment_cu_seqlens",
     "tree_node_spans",
 ]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 from contextlib import contextmanager
 
 import torch
@@ -336,25 +335,4 @@ class InjectionState:
         return out.view(B, L, H, D), None
 
 
-def row_weight_groups(row_tokens: torch.Tensor, cu_seqlens: torch.Tensor):
-    """The rows of a packed context grouped by how many tokens they stand for (``row_tokens``
-    float32 ``[Nk]``, sequences bounded by ``cu_seqlens`` int32 ``[B + 1]``), in buckets 1/16 wide in
-    ``log2`` (powers of two exact, any weight within 2.2%).
-
-    Returns a list of ``(log_tokens, rows, cu_seqlens)``: the group's natural log of tokens (its bucket's
-    centre), its row indices int64 (in order, so every sequence's rows stay contiguous) and their
-    per-sequence bounds int32 ``[B + 1]``."""
-    bucket = torch.round(torch.log2(row_tokens.float()) * 16).long()
-    counts = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
-    sequence = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-    groups = []
-    for b in torch.unique(bucket).tolist():
-        rows = (bucket == b).nonzero().squeeze(1)
-        per_seq = torch.zeros_like(counts).index_add_(0, sequence[rows], torch.ones_like(rows))
-        cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
-        torch.cumsum(per_seq, 0, out=cu[1:])
-        groups.append((b / 16 * math.log(2), rows, cu))
-    return groups
-
-
-__all__ = ["CrossBlock", "InjectionState", "RotaryTable", "new_cross_block", "row_weight_groups"]
+__all__ = ["CrossBlock", "InjectionState", "RotaryTable", "new_cross_block"]
