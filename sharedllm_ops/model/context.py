@@ -393,10 +393,7 @@ def row_weight_groups(row_tokens: torch.Tensor, cu_seqlens: torch.Tensor):
     groups = []
     for b in torch.unique(bucket).tolist():
         rows = (bucket == b).nonzero().squeeze(1)
-        per_seq = torch.zeros_like(counts).index_add_(0, sequence[rows], torch.ones_like(rows))
-        cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
-        torch.cumsum(per_seq, 0, out=cu[1:])
-        groups.append((b / 16 * math.log(2), rows, cu))
+        groups.append((b / 16 * math.log(2), rows, segment_cu_seqlens(sequence[rows], torch.ones_like(rows), counts.numel())))
     return groups
 
 
