@@ -16,6 +16,7 @@ from sharedllm_ops.cli import main  # noqa: E402
 from sharedllm_ops.model import SharedLLMConfig, SharedLLMForCausalLM  # noqa: E402
 from sharedllm_ops.model import long_context as LC  # noqa: E402
 from sharedllm_ops.model import passkey as PK  # noqa: E402
+from sharedllm_ops.model.evaluate import TRAINING_FREE_ROW  # noqa: E402
 from sharedllm_ops.model.pretrained import tiny_model  # noqa: E402
 from sharedllm_ops.model.text import full_perplexity  # noqa: E402
 
@@ -278,7 +279,7 @@ def test_cli_writes_tables_json_and_plots(tiny_model_folder, tmp_path, capsys):
     data = json.loads((out / "results.json").read_text())
     assert data["settings"]["total_tokens"] == 224 + 48 and data["settings"]["contexts"] == [0, 64, 224]
     names = [r["name"] for r in data["perplexity"]["rows"]]
-    assert f"SharedLLM (injector {injector})" in names and "SharedLLM training-free (merge), compressed 8x" in names
+    assert f"SharedLLM (injector {injector})" in names and TRAINING_FREE_ROW in names
     assert len(names) == 1 + 2 * 2 + 1  # window, two (SharedLLM, same KV) pairs, full attention
     full = next(r for r in data["perplexity"]["rows"] if r["kind"] == "full")
     # 64 + 48 tokens fit the 256 positions, 224 + 48 do not
@@ -337,20 +338,19 @@ def test_smollm2_with_full_attention_answers_the_passkey_and_the_window_alone_ca
 def test_config_overrides_only_the_named_fields_of_the_training_free_row():
     from types import SimpleNamespace
 
-    from sharedllm_ops.model.long_eval import TRAINING_FREE_ROW, injector_configs
+    from sharedllm_ops.model.long_eval import injector_configs
 
     base = SimpleNamespace(model=SimpleNamespace(layers=[None] * 3))
     args = SimpleNamespace(injector=["none"], model="folder", chunk_size=64, config=None)
     (plain_name, plain), = injector_configs(args, base).items()
-    args.config = ['{"anchor_tokens": 8, "drop_node_sinks": false, "retrieval_node_embedding": "mean"}',
-                   '{"tree_depth": 5}']
-    (name, config), (_, deeper) = injector_configs(args, base).items()
+    args.config = ['{"anchor_tokens": 8, "lead_tokens": 0, "retrieval_node_embedding": "last"}', '{"tree_depth": 2}']
+    (name, config), (_, shallower) = injector_configs(args, base).items()
     assert plain_name == TRAINING_FREE_ROW and name == f"{TRAINING_FREE_ROW}, {args.config[0]}"
-    assert deeper.tree_depth == 5 and plain.tree_depth == 3
-    assert (config.anchor_tokens, config.retrieval_node_embedding) == (8, "mean")
-    assert (plain.anchor_tokens, plain.retrieval_node_embedding) == (0, "last")
+    assert shallower.tree_depth == 2 and plain.tree_depth == 5
+    assert (config.anchor_tokens, config.lead_tokens, config.retrieval_node_embedding) == (8, 0, "last")
+    assert (plain.anchor_tokens, plain.lead_tokens, plain.retrieval_node_embedding) == (16, 64, "mean")
     changed = {f for f in config.to_dict() if config.to_dict()[f] != plain.to_dict()[f]}
-    assert changed == {"anchor_tokens", "drop_node_sinks", "retrieval_node_embedding"}
+    assert changed == {"anchor_tokens", "lead_tokens", "retrieval_node_embedding"}
 
 
 def test_config_overrides_a_trained_injector_row_and_keeps_its_weights(tiny_model_folder, tmp_path):

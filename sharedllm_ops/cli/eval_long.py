@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a Hugging Face model folder or a .gguf file (default: the embedded SmolLM2-135M)")
     parser.add_argument("--injector", nargs="+", default=None, metavar="PATH|shipped|none",
                         help="SharedLLM rows: a trained injector folder, 'shipped' (the one for the embedded SmolLM2) "
-                             "or 'none' (training-free merge, compressed 8x); default: shipped for the embedded "
+                             "or 'none' (the training-free merge, compressed); default: shipped for the embedded "
                              "model, none for --model")
     parser.add_argument("--window", nargs="+", type=int, default=[512], metavar="W",
                         help="decoder window(s), up to the model's max_position_embeddings (default: 512)")

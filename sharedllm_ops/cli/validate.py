@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="a Hugging Face model folder or a .gguf file (default: the embedded SmolLM2-135M)")
     parser.add_argument("--injector", default=None,
-                        help="a trained injector folder, or 'none' for the training-free config (merge, compressed 8x) "
+                        help="a trained injector folder, or 'none' for the training-free config (merge, compressed) "
                              "(default: the shipped one, for the embedded model)")
     parser.add_argument("--config", default=None, metavar="JSON",
                         help="SharedLLMConfig fields over the injector's config, e.g. '{\"tree_depth\": 5}' "

@@ -1,7 +1,8 @@
 """Compression: a batch of contexts in, a :class:`CompressedContext` out (docs/DESIGN.md section 5).
 
 :class:`ContextCompressor` runs SharedLLM's context path on the networks of a wrapped model. Every
-chunk long enough gets a binary tree of node spans (split noise included), all drawn up front;
+chunk long enough, except the last ``raw_recent_chunks`` of a context (encoded whole, then cut
+into raw nodes of ``tokens_per_node`` tokens), gets a binary tree of node spans (split noise included), all drawn up front;
 then the chunks are worked through in **groups** of at most ``max_pass_tokens`` context tokens
 (in (sequence, chunk) order; a longer chunk is a group of its own), each group in three stages:
 
@@ -52,8 +53,10 @@ from .context import (
     pack_segments,
     pooled_segments,
     preserved_nodes,
+    recent_chunks,
     right_descent_node_ids,
     segment_cu_seqlens,
+    split_nodes,
     tree_node_spans,
 )
 from .retrieval import descend
@@ -202,6 +205,8 @@ class ContextCompressor:
             if cfg.anchor_tokens or cfg.lead_tokens:  # a grown context no longer holds the tokens they read
                 raise ValueError("compress_context(into=...) does not support SharedLLMConfig.anchor_tokens > 0 "
                                  "or lead_tokens > 0 yet")
+            if cfg.raw_recent_chunks:  # chunks kept raw would have to be compressed once they are no longer recent
+                raise ValueError("compress_context(into=...) does not support SharedLLMConfig.raw_recent_chunks > 0 yet")
             check_into(into, B, self.device, cfg)
             tokens, reopened = context_tokens(context_input_ids, lengths, cfg.chunk_size, into.context_lengths,
                                               into.tail_input_ids)
@@ -266,6 +271,8 @@ class ContextCompressor:
         cfg = self.config
         h = cfg.tree_depth
         splittable = chunks.length >= 2**h if h > 0 else torch.zeros_like(chunks.length, dtype=torch.bool)
+        if cfg.raw_recent_chunks:
+            splittable &= ~recent_chunks(chunks.index, chunks.row, chunks.num_chunks, cfg.raw_recent_chunks)
         which = splittable.nonzero().squeeze(1)
         if not which.numel():
             empty = torch.zeros(0, 0, dtype=torch.long, device=self.device)
@@ -305,6 +312,12 @@ class ContextCompressor:
         packed = pack_segments(tokens.flat_index(nodes.row, nodes.start), nodes.length)
         M = cfg.num_injected_layers
         kv, positions = self.encode_nodes(tokens, nodes, packed, M)
+        if cfg.raw_recent_chunks and cfg.tokens_per_node is not None:
+            # a recent chunk, encoded whole, is cut into nodes of at most P tokens, which pooling keeps
+            # as they are; the pieces are its tokens in the same order, so the encoded rows still match
+            recent = recent_chunks(nodes.chunk, nodes.row, chunks.num_chunks, cfg.raw_recent_chunks)
+            nodes = split_nodes(nodes, recent, cfg.tokens_per_node)
+            packed = pack_segments(tokens.flat_index(nodes.row, nodes.start), nodes.length)
         timer.stage("encode")
 
         keys, values = [], []

@@ -72,6 +72,11 @@ class SharedLLMConfig:
             the text (after the anchor, fewer where they would overlap it), whose keys and values are
             dropped too: a node cut out of its sentence still reads the sentence's start. 0: none.
             Like ``anchor_tokens``, it replaces ``drop_node_sinks``.
+        raw_recent_chunks: the last ``n`` chunks of every context are kept uncompressed: no tree and
+            no retrieval; each is cut into nodes of ``tokens_per_node`` tokens, every row kept (the
+            nodes are encoded like any other, so give them ``anchor_tokens``/``lead_tokens`` to read
+            the text before them). The text nearest the decoder is then held exactly, and only the
+            older chunks are compressed. 0: every chunk is compressed (the paper).
         row_weight_exponent: ``a``: every compressed row's attention weight is multiplied by
             ``tokens ** a``, where ``tokens`` is the number of context tokens it stands for (``a *
             log(tokens)`` added to its logits; the context's first row, the attention sink, counts as
@@ -105,6 +110,7 @@ class SharedLLMConfig:
     drop_node_sinks: bool = False
     anchor_tokens: int = 0
     lead_tokens: int = 0
+    raw_recent_chunks: int = 0
     row_weight_exponent: float = 0.0
 
     def __post_init__(self):
@@ -129,6 +135,7 @@ class SharedLLMConfig:
         check_int("distance_scale", 1)
         check_int("anchor_tokens", 0)
         check_int("lead_tokens", 0)
+        check_int("raw_recent_chunks", 0)
         check_int("retrieval_query_tokens", 1)
         check_int("max_distance", 1)
         check_choice("pool_mode", ("mean", "first"))

@@ -289,6 +289,23 @@ def preserved_nodes(
     return PreservedNodes(chunks.row[chunk_of], chunks.index[chunk_of], start[keep], length[keep])
 
 
+def recent_chunks(index: torch.Tensor, row: torch.Tensor, num_chunks: torch.Tensor, count: int) -> torch.Tensor:
+    """bool ``[n]``: chunks (``index`` in sequence ``row``) among the last ``count`` of their sequence."""
+    return index >= num_chunks[row] - count
+
+
+def split_nodes(nodes: PreservedNodes, which: torch.Tensor, piece: int) -> PreservedNodes:
+    """``nodes`` with every node where ``which`` (bool ``[num_nodes]``) cut into consecutive nodes of
+    ``piece`` tokens (the last one shorter); the order, and so the tiling of every context, is kept."""
+    pieces = torch.where(which, (nodes.length + piece - 1) // piece, torch.ones_like(nodes.length))
+    node = torch.repeat_interleave(torch.arange(pieces.numel(), device=pieces.device), pieces)
+    j = torch.arange(node.numel(), device=pieces.device) - (torch.cumsum(pieces, 0) - pieces)[node]
+    cut = which[node]
+    offset = torch.where(cut, j * piece, torch.zeros_like(j))
+    length = torch.where(cut, torch.clamp(nodes.length[node] - offset, max=piece), nodes.length[node])
+    return PreservedNodes(nodes.row[node], nodes.chunk[node], nodes.start[node] + offset, length)
+
+
 def concat_nodes(parts: list[PreservedNodes]) -> PreservedNodes:
     """The nodes of ``parts`` (consecutive runs of chunks), one after another."""
     return PreservedNodes(*(torch.cat(field) for field in zip(*(vars(p).values() for p in parts))))

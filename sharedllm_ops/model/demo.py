@@ -86,7 +86,7 @@ def run_demo(args) -> int:
     done()
     # sizes and stages of the paper's setting: the trained injector if shipped, else the training-free tree
     compressed = next((r for r in rows if r.name == TRAINED_ROW), None) or next(
-        r for r in rows if r.name.endswith("compressed 8x"))
+        r for r in rows if r.name == TRAINING_FREE_ROW)
     s = compressed.stats
     print(f"\ncontext  {s['context_tokens']} tokens in {s['chunks']} chunks -> {s['nodes']} preserved nodes -> "
           f"{s['compressed_tokens']} key/value rows per layer ({s['context_tokens'] / max(s['compressed_tokens'], 1):.1f}x)")

@@ -6,10 +6,12 @@ of them; the perplexity is over the last ``last`` tokens. Rows:
 
 * **window only**: the base model on the decoder window alone;
 * **SharedLLM, training-free** (``injection="merge"``, every layer injected): the rest of the text
-  as context, uncompressed (chunks encoded at their true positions), and compressed 8x with the
-  paper's tree (depth 3, 32 tokens per node, query-aware retrieval; keys kept every 16th/8th/4th
-  token before rotary and placed at their distance in the text, ``positions="distance"``, without
-  the nodes' own attention sinks);
+  as context, uncompressed (chunks encoded at their true positions), and compressed with the
+  paper's tree, five levels deep (32 tokens per node, query-aware retrieval by the mean of a node's
+  tokens against the mean of the query's last 16; keys kept every 32nd...2nd token before rotary
+  and placed at their distance in the text, ``positions="distance"``; every node encoded behind
+  the context's first 16 tokens and the 64 before it, so that it has neither its own attention
+  sink nor a cut-off sentence);
 * **full attention**: the base model on all the tokens, where they fit its position window.
 
 The retrieval query of a SharedLLM row is the window's tokens before the scored ones: the context
@@ -32,7 +34,7 @@ from .modeling import SharedLLMForCausalLM
 from .text import full_perplexity, window_perplexity
 
 
-TRAINING_FREE_ROW = "SharedLLM training-free (merge), compressed 8x"  # the default training-free setting
+TRAINING_FREE_ROW = "SharedLLM training-free (merge), compressed"  # the default training-free setting
 
 
 def training_free_configs(num_layers: int, chunk_size: int = 1024) -> dict[str, SharedLLMConfig]:
@@ -40,11 +42,12 @@ def training_free_configs(num_layers: int, chunk_size: int = 1024) -> dict[str, 
     common = dict(num_injected_layers=num_layers, chunk_size=chunk_size, injection="merge", positions="true")
     return {
         "SharedLLM training-free (merge), uncompressed": SharedLLMConfig(**common, tree_depth=0, tokens_per_node=None),
-        # keys pooled before rotary at their distance in the text, strided, without the nodes' own
-        # sinks: the best of six training-free settings on functools.py and inspect.py (issue 16)
+        # keys pooled before rotary at their distance in the text, strided; nodes behind an anchor and
+        # their lead: the best training-free setting on the validation split and the passkey (issue 16)
         TRAINING_FREE_ROW: SharedLLMConfig(
-            **{**common, "positions": "distance"}, tree_depth=3, tokens_per_node=chunk_size // 32, retrieval="query",
-            pool_mode="first", drop_node_sinks=True,
+            **{**common, "positions": "distance"}, tree_depth=5, tokens_per_node=chunk_size // 32, retrieval="query",
+            pool_mode="first", retrieval_node_embedding="mean", retrieval_query_tokens=16, anchor_tokens=16,
+            lead_tokens=64, drop_node_sinks=False,
         ),
     }
 

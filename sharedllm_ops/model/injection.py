@@ -257,9 +257,9 @@ class InjectionState:
                 rotary_sin=sin,
             )
         elif self.config.positions == "distance":
-            steps = self.config.distance_scale if self.config.exact_distance else 1  # table rows per step
-            far = self.config.max_distance * steps
-            cos, sin = self.rotary(far + 1, q.device, subdivisions=steps)
+            per_position = self.config.distance_scale if self.config.exact_distance else 1  # table rows
+            far = self.distance_table_rows() - 1
+            cos, sin = self.rotary(far + 1, q.device, subdivisions=per_position)
             rotary = dict(
                 q_positions=torch.full((B * L,), far, dtype=torch.int32, device=q.device),
                 k_positions=self.distance_positions(ctx),
@@ -284,19 +284,33 @@ class InjectionState:
             out, lse = (o, l) if out is None else so.merge_attention(out, lse, o, l)
         return out, lse
 
-    def distance_positions(self, ctx: CompressedContext) -> torch.Tensor:
-        """int32 ``[Nk]`` (``positions="distance"``): each row's rotary position, ``max_distance`` minus its
-        distance from the end of its sequence's context in steps of ``distance_scale`` tokens (capped).
-        The queries, rotated at their decoder positions ``p``, are rotated by ``max_distance`` more.
-        With ``exact_distance`` the unit is a token, in a table of ``distance_scale`` rows per step."""
+    def distance_table_rows(self) -> int:
+        """Rows of the rotary table of ``positions="distance"``: the farthest raw recent row (one
+        position per token) plus ``max_distance`` steps, in rows of ``1 / distance_scale`` position
+        with ``exact_distance``, else of one position."""
         cfg = self.config
+        per_position = cfg.distance_scale if cfg.exact_distance else 1
+        return (cfg.raw_recent_chunks * cfg.chunk_size + cfg.max_distance) * per_position + 1
+
+    def distance_positions(self, ctx: CompressedContext) -> torch.Tensor:
+        """int32 ``[Nk]`` (``positions="distance"``): each row's row of the rotary table, the table's last
+        minus the row's distance from the end of its sequence's context. The queries, rotated at
+        their decoder positions ``p``, are rotated by that last row more.
+
+        The distance: a row of the ``raw_recent_chunks`` (which hold the last ``R`` tokens) sits at
+        its distance in tokens, like a token of the window; a row ``d > R`` tokens away at ``R`` plus
+        ``(d - R) / distance_scale`` positions (whole steps unless ``exact_distance``), that part
+        capped at ``max_distance`` steps."""
+        cfg = self.config
+        per_position = cfg.distance_scale if cfg.exact_distance else 1
         rows = ctx.cu_seqlens[1:].long() - ctx.cu_seqlens[:-1].long()
-        end = ctx.context_lengths.long().repeat_interleave(rows)
-        if cfg.exact_distance:
-            far = cfg.max_distance * cfg.distance_scale
-            return (far - torch.clamp(end - ctx.k_positions.long(), 0, far)).to(torch.int32)
-        distance = torch.clamp((end - ctx.k_positions.long()) // cfg.distance_scale, 0, cfg.max_distance)
-        return (cfg.max_distance - distance).to(torch.int32)
+        end = ctx.context_lengths.long()
+        first_recent = torch.clamp(ctx.num_chunks.long() - cfg.raw_recent_chunks, min=0) * cfg.chunk_size
+        recent = torch.clamp(end - first_recent, min=0).repeat_interleave(rows)
+        distance = torch.clamp(end.repeat_interleave(rows) - ctx.k_positions.long(), min=0)
+        near = torch.minimum(distance, recent)
+        beyond = torch.clamp((distance - near) * per_position // cfg.distance_scale, max=cfg.max_distance * per_position)
+        return (self.distance_table_rows() - 1 - near * per_position - beyond).to(torch.int32)
 
     def cross_block_output(self, layer_idx: int, y: torch.Tensor, position_embeddings, attn: nn.Module) -> torch.Tensor:
         """``o_c(Attn(q_c(norm_c(y)), K, V))`` for the residual stream ``y`` ``[B, L, hidden]`` of the
