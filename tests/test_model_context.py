@@ -15,7 +15,7 @@ from sharedllm_ops import reference
 
 pytest.importorskip("transformers")
 
-from sharedllm_ops.model import context  # noqa: E402
+from sharedllm_ops.model import context, retrieval  # noqa: E402
 from sharedllm_ops.model.attention import (  # noqa: E402
     PackedPass,
     StopEncoding,
@@ -180,13 +180,13 @@ def test_right_descent_node_ids_equal_tree_topk_with_increasing_scores(depth):
         emb[0, 0, first:first + 2**level, 0] = torch.arange(2**level, dtype=torch.float32)
     query = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
     expected, _ = so.tree_topk(query, emb, depth, score="dot", backend="reference")
-    got = context.right_descent_node_ids(depth)
+    got = retrieval.right_descent_node_ids(depth)
     assert got.dtype == torch.int64
     assert got.tolist() == expected[0, 0].long().tolist()
 
 
 def test_right_descent_spans_of_a_16_token_chunk():
-    ids = context.right_descent_node_ids(3)
+    ids = retrieval.right_descent_node_ids(3)
     start, length = context.tree_node_spans(torch.tensor([16]), 3)
     spans = list(zip(start[0, ids].tolist(), (start[0, ids] + length[0, ids]).tolist()))
     assert spans == [(0, 8), (8, 12), (12, 14), (14, 16)]

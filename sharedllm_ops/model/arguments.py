@@ -85,6 +85,12 @@ def check_into(into, batch: int, device, config: SharedLLMConfig) -> None:
         raise ValueError("into was compressed by a model with another config (injected layers or positions)")
     if (into.row_tokens is None) != (config.row_weight_exponent == 0):
         raise ValueError("into was compressed by a model with another config (row_weight_exponent zero or not)")
+    if config.anchor_tokens or config.lead_tokens:  # a grown context no longer holds the tokens they read
+        raise ValueError("compress_context(into=...) does not support SharedLLMConfig.anchor_tokens > 0 "
+                         "or lead_tokens > 0 yet")
+    for name in ("raw_recent_chunks", "retrieved_chunks"):  # both choose chunks by where the context ends
+        if getattr(config, name):
+            raise ValueError(f"compress_context(into=...) does not support SharedLLMConfig.{name} yet")
 
 
 __all__ = ["check_context", "check_into", "check_query", "check_split_noise_seeds", "pass_tokens"]

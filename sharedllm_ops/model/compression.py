@@ -54,12 +54,11 @@ from .context import (
     pooled_segments,
     preserved_nodes,
     recent_chunks,
-    right_descent_node_ids,
     segment_cu_seqlens,
     split_nodes,
     tree_node_spans,
 )
-from .retrieval import descend
+from .retrieval import descend, right_descent_node_ids, top_chunks
 
 
 class ContextCompressor:
@@ -202,22 +201,25 @@ class ContextCompressor:
         if into is None:
             tokens, reopened = context_tokens(context_input_ids, lengths, cfg.chunk_size)
         else:
-            if cfg.anchor_tokens or cfg.lead_tokens:  # a grown context no longer holds the tokens they read
-                raise ValueError("compress_context(into=...) does not support SharedLLMConfig.anchor_tokens > 0 "
-                                 "or lead_tokens > 0 yet")
-            if cfg.raw_recent_chunks:  # chunks kept raw would have to be compressed once they are no longer recent
-                raise ValueError("compress_context(into=...) does not support SharedLLMConfig.raw_recent_chunks > 0 yet")
             check_into(into, B, self.device, cfg)
             tokens, reopened = context_tokens(context_input_ids, lengths, cfg.chunk_size, into.context_lengths,
                                               into.tail_input_ids)
         timer = _StageTimer(self.device)
         chunks = chunk_layout(tokens.lengths, cfg.chunk_size, tokens.first_chunk)
-        splittable, node_start, node_len = self.trees(chunks, split_noise_seeds, training)
+        older = ~recent_chunks(chunks.index, chunks.row, chunks.num_chunks, cfg.raw_recent_chunks)
+        selecting = cfg.retrieved_chunks is not None and bool(
+            (torch.bincount(chunks.row[older], minlength=B) > cfg.retrieved_chunks).any())
         query = None
-        if node_start.shape[0] and cfg.retrieval == "query" and query_input_ids is not None:
+        if (selecting or bool(self.splittable(chunks).any())) and cfg.retrieval == "query" \
+                and query_input_ids is not None:
             check_query(query_input_ids, query_attention_mask, B, self.device)
             with torch.no_grad():
                 query = self.retrieval_query(query_input_ids, query_attention_mask, tokens.total_lengths)
+        if selecting:
+            with torch.no_grad():
+                score = chunks.index.float() if query is None else self.chunk_scores(tokens, chunks, older, query)
+            chunks = chunks.where(top_chunks(score, chunks.row, older, cfg.retrieved_chunks))
+        splittable, node_start, node_len = self.trees(chunks, split_noise_seeds, training)
         timer.stage("retrieve")
 
         M = cfg.num_injected_layers
@@ -245,6 +247,7 @@ class ContextCompressor:
             "context_tokens": int(tokens.total_lengths.sum()),
             "compressed_tokens": int(rows.sum()),
             "chunks": int(num_chunks.sum()),
+            "encoded_chunks": int(chunks.row.numel()),
             "nodes": int(nodes.row.numel()),
             **stats,
             **timer.seconds,
@@ -265,14 +268,36 @@ class ContextCompressor:
         )
         return compressed if into is None else into.extended(compressed, reopened, cfg.tokens_per_node)
 
+    def splittable(self, chunks: ChunkLayout) -> torch.Tensor:
+        """bool ``[num_chunks]``: the chunks that get a tree (long enough, not kept raw)."""
+        cfg = self.config
+        h = cfg.tree_depth
+        splittable = chunks.length >= 2**h if h > 0 else torch.zeros_like(chunks.length, dtype=torch.bool)
+        return splittable & ~recent_chunks(chunks.index, chunks.row, chunks.num_chunks, cfg.raw_recent_chunks)
+
+    def chunk_scores(self, tokens: ContextTokens, chunks: ChunkLayout, which: torch.Tensor, query) -> torch.Tensor:
+        """float ``[num_chunks]``: for the chunks ``which`` (bool), the best cosine between the query
+        ``[B, hidden]`` and the embeddings of the chunk's leaves (windows of ``chunk_size / 2 **
+        tree_depth`` tokens, embedded as retrieval embeds a node); ``-inf`` for the others."""
+        cfg = self.config
+        width = max(cfg.chunk_size // 2**cfg.tree_depth, 1)
+        chunk = which.nonzero().squeeze(1)
+        windows = (chunks.length[chunk] + width - 1) // width
+        of = torch.repeat_interleave(chunk, windows)  # the chunk of every window
+        j = torch.arange(of.numel(), device=of.device) - (torch.cumsum(windows, 0) - windows).repeat_interleave(windows)
+        start = chunks.start[of] + j * width
+        length = torch.clamp(chunks.start[of] + chunks.length[of] - start, max=width)
+        emb = self.node_embeddings(tokens, chunks.row[of], start[:, None], length[:, None])[:, 0]
+        cos = torch.nn.functional.cosine_similarity(emb.float(), query[chunks.row[of]].float(), dim=-1)
+        score = torch.full(chunks.row.shape, float("-inf"), device=cos.device)
+        return score.scatter_reduce(0, of, cos, "amax")
+
     def trees(self, chunks: ChunkLayout, split_noise_seeds, training: bool):
         """``(splittable, node_start, node_len)``: bool ``[num_chunks]``, the chunks with a tree, and
         int64 ``[num_splittable, T]`` their node spans (within the chunk), split noise included."""
         cfg = self.config
         h = cfg.tree_depth
-        splittable = chunks.length >= 2**h if h > 0 else torch.zeros_like(chunks.length, dtype=torch.bool)
-        if cfg.raw_recent_chunks:
-            splittable &= ~recent_chunks(chunks.index, chunks.row, chunks.num_chunks, cfg.raw_recent_chunks)
+        splittable = self.splittable(chunks)
         which = splittable.nonzero().squeeze(1)
         if not which.numel():
             empty = torch.zeros(0, 0, dtype=torch.long, device=self.device)

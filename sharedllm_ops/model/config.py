@@ -77,6 +77,12 @@ class SharedLLMConfig:
             nodes are encoded like any other, so give them ``anchor_tokens``/``lead_tokens`` to read
             the text before them). The text nearest the decoder is then held exactly, and only the
             older chunks are compressed. 0: every chunk is compressed (the paper).
+        retrieved_chunks: at most this many of a context's older chunks (those not kept raw) reach
+            the decoder: the ones with the leaf (a ``chunk_size / 2 ** tree_depth``-token window)
+            most like the query, as ``"query"`` retrieval embeds them; the latest ones without a
+            query or with ``retrieval="right"``. The others are dropped before encoding, so the
+            compressed context, and the attention it takes from the window, stop growing with
+            the context. ``None``: every chunk (the paper).
         row_weight_exponent: ``a``: every compressed row's attention weight is multiplied by
             ``tokens ** a``, where ``tokens`` is the number of context tokens it stands for (``a *
             log(tokens)`` added to its logits; the context's first row, the attention sink, counts as
@@ -111,6 +117,7 @@ class SharedLLMConfig:
     anchor_tokens: int = 0
     lead_tokens: int = 0
     raw_recent_chunks: int = 0
+    retrieved_chunks: int | None = None
     row_weight_exponent: float = 0.0
 
     def __post_init__(self):
@@ -136,6 +143,7 @@ class SharedLLMConfig:
         check_int("anchor_tokens", 0)
         check_int("lead_tokens", 0)
         check_int("raw_recent_chunks", 0)
+        check_int("retrieved_chunks", 0, allow_none=True)
         check_int("retrieval_query_tokens", 1)
         check_int("max_distance", 1)
         check_choice("pool_mode", ("mean", "first"))

@@ -31,10 +31,14 @@ class ChunkLayout:
     length: torch.Tensor  # tokens (the last chunk of a sequence may be shorter than chunk_size)
     num_chunks: torch.Tensor  # chunks per sequence
 
+    def where(self, keep) -> "ChunkLayout":
+        """The chunks ``keep`` selects (a bool mask or a slice); indices, starts and ``num_chunks``
+        still count every chunk."""
+        return ChunkLayout(self.row[keep], self.index[keep], self.start[keep], self.length[keep], self.num_chunks)
+
     def take(self, first: int, end: int) -> "ChunkLayout":
         """Chunks ``first..end-1`` (``num_chunks`` still counts every chunk of each sequence)."""
-        return ChunkLayout(self.row[first:end], self.index[first:end], self.start[first:end],
-                           self.length[first:end], self.num_chunks)
+        return self.where(slice(first, end))
 
 
 def chunk_layout(context_lengths: torch.Tensor, chunk_size: int, first_chunk: torch.Tensor | None = None) -> ChunkLayout:
@@ -202,14 +206,6 @@ def tree_node_spans(
     return torch.cat(starts, dim=1), torch.cat(lengths, dim=1)
 
 
-def right_descent_node_ids(depth: int, device=None) -> torch.Tensor:
-    """int64 ``[P]``: the preserved level-order node ids, left to right, when the right child is always expanded."""
-    ids = [(2**level - 2) + (2**level - 2) for level in range(1, depth)]  # each level's left sibling
-    last = 2**depth - 2  # level ``depth`` starts at id 2^depth - 2; its last two nodes stay
-    ids += [last + 2**depth - 2, last + 2**depth - 1]
-    return torch.tensor(ids, dtype=torch.long, device=device)
-
-
 @dataclass
 class PackedSegments:
     """Segments of a flat token array, packed one after another.
@@ -295,8 +291,7 @@ def recent_chunks(index: torch.Tensor, row: torch.Tensor, num_chunks: torch.Tens
 
 
 def split_nodes(nodes: PreservedNodes, which: torch.Tensor, piece: int) -> PreservedNodes:
-    """``nodes`` with every node where ``which`` (bool ``[num_nodes]``) cut into consecutive nodes of
-    ``piece`` tokens (the last one shorter); the order, and so the tiling of every context, is kept."""
+    """``nodes`` with each node where ``which`` (bool) cut into consecutive nodes of ``piece`` tokens."""
     pieces = torch.where(which, (nodes.length + piece - 1) // piece, torch.ones_like(nodes.length))
     node = torch.repeat_interleave(torch.arange(pieces.numel(), device=pieces.device), pieces)
     j = torch.arange(node.numel(), device=pieces.device) - (torch.cumsum(pieces, 0) - pieces)[node]
@@ -443,7 +438,6 @@ __all__ = [
     "pack_segments",
     "pooled_segments",
     "preserved_nodes",
-    "right_descent_node_ids",
     "row_weight_groups",
     "segment_cu_seqlens",
     "tree_node_spans",

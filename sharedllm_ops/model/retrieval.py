@@ -25,6 +25,14 @@ def level_offset(level: int) -> int:
     return 2**level - 2
 
 
+def right_descent_node_ids(depth: int, device=None) -> torch.Tensor:
+    """int64 ``[P]``: the preserved level-order node ids, left to right, when the right child is always expanded."""
+    # each level's second-to-last node (the left sibling of the expanded right child); the last level keeps both
+    ids = [level_offset(level) + 2**level - 2 for level in range(1, depth)]
+    ids += [level_offset(depth) + 2**depth - 2, level_offset(depth) + 2**depth - 1]
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
 def descend(
     query: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor], depth: int, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,4 +76,18 @@ def descend(
     return node_ids, torch.cat(embedded, dim=1)
 
 
-__all__ = ["descend", "level_offset"]
+def top_chunks(score: torch.Tensor, row: torch.Tensor, candidate: torch.Tensor, k: int) -> torch.Tensor:
+    """bool ``[n]``: the chunks to keep of ``n`` (``row``: the sequence of each, in sequence order):
+    every one that is not a ``candidate``, and of each sequence's candidates the ``k`` with the
+    highest ``score`` (the earlier chunk on a tie)."""
+    score = torch.where(candidate, score.float(), torch.full_like(score, float("-inf"), dtype=torch.float32))
+    order = torch.argsort(-score, stable=True)  # best first, ties in chunk order
+    order = order[torch.argsort(row[order], stable=True)]  # grouped by sequence, best first within
+    counts = torch.bincount(row, minlength=int(row.max()) + 1 if row.numel() else 0)
+    rank = torch.arange(row.numel(), device=row.device) - (torch.cumsum(counts, 0) - counts)[row[order]]
+    keep = ~candidate.clone()
+    keep[order] |= candidate[order] & (rank < k)
+    return keep
+
+
+__all__ = ["descend", "level_offset", "right_descent_node_ids", "top_chunks"]
