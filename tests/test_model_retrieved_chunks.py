@@ -65,7 +65,9 @@ def test_chunk_scores_are_the_best_leaf_cosine():
         chunks = chunk_layout(tokens.lengths, CHUNK)
         which = torch.tensor([True, False, True, True, True, True])
         assert chunks.row.numel() == which.numel()  # 3 chunks each, the last of the second 5 tokens
-        got = compressor.chunk_scores(tokens, chunks, which, query)
+        got = compressor.chunk_scores(tokens, chunks, which, query, None)
+        in_groups = compressor.chunk_scores(tokens, chunks, which, query, CHUNK + 1)  # one chunk per group
+    torch.testing.assert_close(in_groups, got, atol=1e-6, rtol=0)
     width = CHUNK // 2**DEPTH
     for c in range(chunks.row.numel()):
         if not which[c]:
@@ -99,7 +101,7 @@ def test_only_the_chosen_chunks_remain_each_as_without_the_choice(raw_recent, wi
         tokens, _ = context_tokens(context[None], torch.tensor([context.numel()]), CHUNK)
         chunks = chunk_layout(tokens.lengths, CHUNK)
         q = chosen._compressor.retrieval_query(query, None, tokens.total_lengths)
-        scores = chosen._compressor.chunk_scores(tokens, chunks, torch.arange(5) < len(older), q)
+        scores = chosen._compressor.chunk_scores(tokens, chunks, torch.arange(5) < len(older), q, None)
         kept = sorted(sorted(older, key=lambda c: (-scores[c].item(), c))[:2])
     else:  # without a query, the latest ones
         kept = older[-2:]

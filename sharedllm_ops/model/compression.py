@@ -217,7 +217,7 @@ class ContextCompressor:
                 query = self.retrieval_query(query_input_ids, query_attention_mask, tokens.total_lengths)
         if selecting:
             with torch.no_grad():
-                score = chunks.index.float() if query is None else self.chunk_scores(tokens, chunks, older, query)
+                score = chunks.index.float() if query is None else self.chunk_scores(tokens, chunks, older, query, limit)
             chunks = chunks.where(top_chunks(score, chunks.row, older, cfg.retrieved_chunks))
         splittable, node_start, node_len = self.trees(chunks, split_noise_seeds, training)
         timer.stage("retrieve")
@@ -275,22 +275,25 @@ class ContextCompressor:
         splittable = chunks.length >= 2**h if h > 0 else torch.zeros_like(chunks.length, dtype=torch.bool)
         return splittable & ~recent_chunks(chunks.index, chunks.row, chunks.num_chunks, cfg.raw_recent_chunks)
 
-    def chunk_scores(self, tokens: ContextTokens, chunks: ChunkLayout, which: torch.Tensor, query) -> torch.Tensor:
+    def chunk_scores(self, tokens: ContextTokens, chunks: ChunkLayout, which: torch.Tensor, query, limit) -> torch.Tensor:
         """float ``[num_chunks]``: for the chunks ``which`` (bool), the best cosine between the query
         ``[B, hidden]`` and the embeddings of the chunk's leaves (windows of ``chunk_size / 2 **
-        tree_depth`` tokens, embedded as retrieval embeds a node); ``-inf`` for the others."""
-        cfg = self.config
-        width = max(cfg.chunk_size // 2**cfg.tree_depth, 1)
-        chunk = which.nonzero().squeeze(1)
-        windows = (chunks.length[chunk] + width - 1) // width
-        of = torch.repeat_interleave(chunk, windows)  # the chunk of every window
-        j = torch.arange(of.numel(), device=of.device) - (torch.cumsum(windows, 0) - windows).repeat_interleave(windows)
-        start = chunks.start[of] + j * width
-        length = torch.clamp(chunks.start[of] + chunks.length[of] - start, max=width)
-        emb = self.node_embeddings(tokens, chunks.row[of], start[:, None], length[:, None])[:, 0]
-        cos = torch.nn.functional.cosine_similarity(emb.float(), query[chunks.row[of]].float(), dim=-1)
-        score = torch.full(chunks.row.shape, float("-inf"), device=cos.device)
-        return score.scatter_reduce(0, of, cos, "amax")
+        tree_depth`` tokens, embedded as retrieval embeds a node); ``-inf`` for the others. The
+        chunks are embedded in groups of at most ``limit`` tokens, as they are compressed."""
+        width = max(self.config.chunk_size // 2**self.config.tree_depth, 1)
+        score = torch.full(chunks.row.shape, float("-inf"), device=chunks.row.device)
+        candidates = which.nonzero().squeeze(1)
+        for first, end in chunk_groups(chunks.length[candidates], limit):
+            chunk = candidates[first:end]
+            windows = (chunks.length[chunk] + width - 1) // width
+            of = torch.repeat_interleave(chunk, windows)  # the chunk of every window
+            j = torch.arange(of.numel(), device=of.device) - (torch.cumsum(windows, 0) - windows).repeat_interleave(windows)
+            start = chunks.start[of] + j * width
+            length = torch.clamp(chunks.start[of] + chunks.length[of] - start, max=width)
+            emb = self.node_embeddings(tokens, chunks.row[of], start[:, None], length[:, None])[:, 0]
+            cos = torch.nn.functional.cosine_similarity(emb.float(), query[chunks.row[of]].float(), dim=-1)
+            score.scatter_reduce_(0, of, cos, "amax")
+        return score
 
     def trees(self, chunks: ChunkLayout, split_noise_seeds, training: bool):
         """``(splittable, node_start, node_len)``: bool ``[num_chunks]``, the chunks with a tree, and
