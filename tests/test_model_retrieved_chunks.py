@@ -96,16 +96,17 @@ def test_only_the_chosen_chunks_remain_each_as_without_the_choice(raw_recent, wi
     with torch.no_grad():
         got = chosen.compress_context(context[None], query_input_ids=query)
         every = plain.compress_context(context[None], query_input_ids=query)
-    older = list(range(5 - raw_recent))
+    older = list(range(1, 5 - raw_recent))  # the first chunk is no candidate: it always stays
     if with_query:  # the two older chunks of the best leaves, by the compressor's own scores
         tokens, _ = context_tokens(context[None], torch.tensor([context.numel()]), CHUNK)
         chunks = chunk_layout(tokens.lengths, CHUNK)
         q = chosen._compressor.retrieval_query(query, None, tokens.total_lengths)
-        scores = chosen._compressor.chunk_scores(tokens, chunks, torch.arange(5) < len(older), q, None)
+        candidates = (torch.arange(5) >= 1) & (torch.arange(5) < 5 - raw_recent)
+        scores = chosen._compressor.chunk_scores(tokens, chunks, candidates, q, None)
         kept = sorted(sorted(older, key=lambda c: (-scores[c].item(), c))[:2])
     else:  # without a query, the latest ones
         kept = older[-2:]
-    kept += list(range(5 - raw_recent, 5))
+    kept = [0] + kept + list(range(5 - raw_recent, 5))
     assert sorted(set(got.nodes.chunk.tolist())) == kept
     assert got.stats["encoded_chunks"] == len(kept) and got.stats["chunks"] == 5
     assert int(got.num_chunks[0]) == 5  # the context still counts every chunk

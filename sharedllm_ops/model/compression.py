@@ -206,7 +206,9 @@ class ContextCompressor:
                                               into.tail_input_ids)
         timer = _StageTimer(self.device)
         chunks = chunk_layout(tokens.lengths, cfg.chunk_size, tokens.first_chunk)
-        older = ~recent_chunks(chunks.index, chunks.row, chunks.num_chunks, cfg.raw_recent_chunks)
+        # the chunks retrieved_chunks chooses from: not kept raw, and not the first, whose first token
+        # is the context's attention sink (without it, the merged attention to the context breaks)
+        older = ~recent_chunks(chunks.index, chunks.row, chunks.num_chunks, cfg.raw_recent_chunks) & (chunks.index > 0)
         selecting = cfg.retrieved_chunks is not None and bool(
             (torch.bincount(chunks.row[older], minlength=B) > cfg.retrieved_chunks).any())
         query = None

@@ -77,8 +77,8 @@ class SharedLLMConfig:
             nodes are encoded like any other, so give them ``anchor_tokens``/``lead_tokens`` to read
             the text before them). The text nearest the decoder is then held exactly, and only the
             older chunks are compressed. 0: every chunk is compressed (the paper).
-        retrieved_chunks: at most this many of a context's older chunks (those not kept raw) reach
-            the decoder: the ones with the leaf (a ``chunk_size / 2 ** tree_depth``-token window)
+        retrieved_chunks: at most this many of a context's older chunks (neither kept raw nor the
+            first, which holds the context's attention sink and always stays) reach the decoder: the ones with the leaf (a ``chunk_size / 2 ** tree_depth``-token window)
             most like the query, as ``"query"`` retrieval embeds them; the latest ones without a
             query or with ``retrieval="right"``. The others are dropped before encoding, so the
             compressed context, and the attention it takes from the window, stop growing with
