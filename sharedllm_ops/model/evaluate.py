@@ -11,7 +11,8 @@ of them; the perplexity is over the last ``last`` tokens. Rows:
   tokens against the mean of the query's last 16; keys kept every 32nd...2nd token before rotary
   and placed at their distance in the text, ``positions="distance"``; every node encoded behind
   the context's first 16 tokens and the 64 before it, so that it has neither its own attention
-  sink nor a cut-off sentence; the context's last chunk kept raw, at its true distance);
+  sink nor a cut-off sentence; the context's last chunk kept raw, at its true distance; of the
+  older chunks, the first and the 7 most like the query, so that longer contexts do not dilute it);
 * **full attention**: the base model on all the tokens, where they fit its position window.
 
 The retrieval query of a SharedLLM row is the window's tokens before the scored ones: the context
@@ -43,11 +44,12 @@ def training_free_configs(num_layers: int, chunk_size: int = 1024) -> dict[str, 
     return {
         "SharedLLM training-free (merge), uncompressed": SharedLLMConfig(**common, tree_depth=0, tokens_per_node=None),
         # keys pooled before rotary at their distance in the text, strided; nodes behind an anchor and
-        # their lead; the last chunk raw: the best setting on the validation split and the passkey (issue 16)
+        # their lead; the last chunk raw; beyond 8K only the 7 older chunks most like the query (and the
+        # first): the best setting on the validation split, its passkey and its context curve (issue 16)
         TRAINING_FREE_ROW: SharedLLMConfig(
             **{**common, "positions": "distance"}, tree_depth=5, tokens_per_node=chunk_size // 32, retrieval="query",
             pool_mode="first", retrieval_node_embedding="mean", retrieval_query_tokens=16, anchor_tokens=16,
-            lead_tokens=64, drop_node_sinks=False, raw_recent_chunks=1, exact_distance=True,
+            lead_tokens=64, drop_node_sinks=False, raw_recent_chunks=1, exact_distance=True, retrieved_chunks=7,
         ),
     }
 
