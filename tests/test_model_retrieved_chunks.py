@@ -109,10 +109,22 @@ def test_only_the_chosen_chunks_remain_each_as_without_the_choice(raw_recent, wi
     kept = [0] + kept + list(range(5 - raw_recent, 5))
     assert sorted(set(got.nodes.chunk.tolist())) == kept
     assert got.stats["encoded_chunks"] == len(kept) and got.stats["chunks"] == 5
+    assert got.stats["scored_chunks"] == (len(older) if with_query else 0)
     assert int(got.num_chunks[0]) == 5  # the context still counts every chunk
     for c in kept:
         for a, b in zip(rows_of(got, c), rows_of(every, c)):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_a_sequence_with_an_empty_query_keeps_its_latest_chunks():
+    context = ids(2, 4 * CHUNK, seed=11)
+    _, model = wrapped(retrieved_chunks=1)
+    query, mask = ids(2, 5, seed=12), torch.tensor([[1] * 5, [0] * 5])
+    with torch.no_grad():
+        ctx = model.compress_context(context, query_input_ids=query, query_attention_mask=mask)
+    second = ctx.nodes.chunk[ctx.nodes.row == 1]
+    assert sorted(set(second.tolist())) == [0, 3]  # the first chunk, and the latest older one
+    assert int((ctx.nodes.row == 0).sum()) and ctx.stats["scored_chunks"] == 6
 
 
 def test_enough_chunks_to_keep_changes_nothing():
@@ -127,7 +139,7 @@ def test_enough_chunks_to_keep_changes_nothing():
     assert torch.equal(a.cu_seqlens, b.cu_seqlens) and torch.equal(a.k_positions, b.k_positions)
     for layer in range(M):
         assert torch.equal(a.keys[layer], b.keys[layer]) and torch.equal(a.values[layer], b.values[layer])
-    assert a.stats["embedded_tokens"] == b.stats["embedded_tokens"]  # no chunk was scored
+    assert a.stats["embedded_tokens"] == b.stats["embedded_tokens"] and a.stats["scored_chunks"] == 0
 
 
 def test_a_batch_equals_each_sequence_alone():
@@ -147,8 +159,9 @@ def test_a_batch_equals_each_sequence_alone():
         assert torch.equal(both.k_positions[cu[b] : cu[b + 1]], alone[b].k_positions)
 
 
-def test_growing_a_context_refuses_it():
-    _, model = wrapped(retrieved_chunks=1)
+@pytest.mark.parametrize("k", [0, 1])
+def test_growing_a_context_refuses_it(k):
+    _, model = wrapped(retrieved_chunks=k)
     with torch.no_grad():
         ctx = model.compress_context(ids(1, CHUNK + 3, seed=9))
         with pytest.raises(ValueError, match="retrieved_chunks"):

@@ -88,8 +88,10 @@ def check_into(into, batch: int, device, config: SharedLLMConfig) -> None:
     if config.anchor_tokens or config.lead_tokens:  # a grown context no longer holds the tokens they read
         raise ValueError("compress_context(into=...) does not support SharedLLMConfig.anchor_tokens > 0 "
                          "or lead_tokens > 0 yet")
-    for name in ("raw_recent_chunks", "retrieved_chunks"):  # both choose chunks by where the context ends
-        if getattr(config, name):
+    # both choose chunks by where the context ends (retrieved_chunks=0 is a setting too)
+    for name, used in (("raw_recent_chunks", config.raw_recent_chunks > 0),
+                       ("retrieved_chunks", config.retrieved_chunks is not None)):
+        if used:
             raise ValueError(f"compress_context(into=...) does not support SharedLLMConfig.{name} yet")
 
 

@@ -217,9 +217,14 @@ class ContextCompressor:
             check_query(query_input_ids, query_attention_mask, B, self.device)
             with torch.no_grad():
                 query = self.retrieval_query(query_input_ids, query_attention_mask, tokens.total_lengths)
+        scored = 0
         if selecting:
-            with torch.no_grad():
-                score = chunks.index.float() if query is None else self.chunk_scores(tokens, chunks, older, query, limit)
+            score = chunks.index.float()  # without a query (or with an empty one): the latest
+            if query is not None:
+                with torch.no_grad():
+                    cos = self.chunk_scores(tokens, chunks, older, query, limit)
+                score = torch.where((query == 0).all(-1)[chunks.row], score, cos)
+                scored = int(older.sum())
             chunks = chunks.where(top_chunks(score, chunks.row, older, cfg.retrieved_chunks))
         splittable, node_start, node_len = self.trees(chunks, split_noise_seeds, training)
         timer.stage("retrieve")
@@ -250,6 +255,7 @@ class ContextCompressor:
             "compressed_tokens": int(rows.sum()),
             "chunks": int(num_chunks.sum()),
             "encoded_chunks": int(chunks.row.numel()),
+            "scored_chunks": scored,
             "nodes": int(nodes.row.numel()),
             **stats,
             **timer.seconds,

@@ -438,7 +438,9 @@ __all__ = [
     "pack_segments",
     "pooled_segments",
     "preserved_nodes",
+    "recent_chunks",
     "row_weight_groups",
     "segment_cu_seqlens",
+    "split_nodes",
     "tree_node_spans",
 ]
