@@ -203,3 +203,18 @@ def run_workers(worker, args: tuple, nprocs: int, timeout_s: float, what: str) -
                 p.kill()
                 p.join(5)
     return time.monotonic() - start
+
+
+@torch.no_grad()
+def assert_batch_compresses_as_each_alone(model, context, lengths, query) -> None:
+    """``model.compress_context`` of a right-padded batch gives each sequence the rows (keys, values,
+    positions of every injected layer) it gets compressed alone."""
+    both = model.compress_context(context, lengths, query_input_ids=query)
+    cu = both.cu_seqlens.tolist()
+    for b in range(context.shape[0]):
+        alone = model.compress_context(context[b : b + 1, : int(lengths[b])], query_input_ids=query[b : b + 1])
+        assert cu[b + 1] - cu[b] == int(alone.cu_seqlens[-1]), b
+        for layer in range(len(alone.keys)):
+            for got, expected in ((both.keys[layer], alone.keys[layer]), (both.values[layer], alone.values[layer])):
+                torch.testing.assert_close(got[cu[b] : cu[b + 1]], expected, atol=2e-5, rtol=1e-4)
+        assert torch.equal(both.k_positions[cu[b] : cu[b + 1]], alone.k_positions), b

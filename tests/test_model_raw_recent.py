@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_batch_compresses_as_each_alone
 
 pytest.importorskip("transformers")
 
@@ -141,18 +142,7 @@ def test_a_batch_equals_each_sequence_alone():
     lengths = torch.tensor([3 * CHUNK, CHUNK + 7])
     _, model = wrapped(raw_recent_chunks=1, lead_tokens=5, drop_node_sinks=False)
     query = ids(2, 5, seed=6)
-    with torch.no_grad():
-        both = model.compress_context(context, lengths, query_input_ids=query)
-        alone = [model.compress_context(context[b : b + 1, : int(lengths[b])], query_input_ids=query[b : b + 1])
-                 for b in range(2)]
-    cu = both.cu_seqlens.tolist()
-    for b in range(2):
-        assert cu[b + 1] - cu[b] == int(alone[b].cu_seqlens[-1])
-        for layer in range(M):
-            torch.testing.assert_close(both.keys[layer][cu[b] : cu[b + 1]], alone[b].keys[layer], atol=2e-5, rtol=1e-4)
-            torch.testing.assert_close(both.values[layer][cu[b] : cu[b + 1]], alone[b].values[layer],
-                                       atol=2e-5, rtol=1e-4)
-        assert torch.equal(both.k_positions[cu[b] : cu[b + 1]], alone[b].k_positions)
+    assert_batch_compresses_as_each_alone(model, context, lengths, query)
 
 
 def test_growing_a_context_refuses_raw_recent_chunks():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_batch_compresses_as_each_alone
 import torch.nn.functional as F
 
 pytest.importorskip("transformers")
@@ -147,16 +148,7 @@ def test_a_batch_equals_each_sequence_alone():
     lengths = torch.tensor([4 * CHUNK, 3 * CHUNK - 6])
     _, model = wrapped(retrieved_chunks=1, raw_recent_chunks=1, lead_tokens=3, drop_node_sinks=False)
     query = ids(2, 5, seed=8)
-    with torch.no_grad():
-        both = model.compress_context(context, lengths, query_input_ids=query)
-        alone = [model.compress_context(context[b : b + 1, : int(lengths[b])], query_input_ids=query[b : b + 1])
-                 for b in range(2)]
-    cu = both.cu_seqlens.tolist()
-    for b in range(2):
-        assert cu[b + 1] - cu[b] == int(alone[b].cu_seqlens[-1])
-        for layer in range(M):
-            torch.testing.assert_close(both.keys[layer][cu[b] : cu[b + 1]], alone[b].keys[layer], atol=2e-5, rtol=1e-4)
-        assert torch.equal(both.k_positions[cu[b] : cu[b + 1]], alone[b].k_positions)
+    assert_batch_compresses_as_each_alone(model, context, lengths, query)
 
 
 @pytest.mark.parametrize("k", [0, 1])
