@@ -95,7 +95,7 @@ def test_recent_rows_sit_at_their_token_distance_and_older_rows_beyond_them(exac
     with torch.no_grad():
         ctx = model.compress_context(context, lengths, query_input_ids=ids(2, 3, seed=10))
     got = model._state.distance_positions(ctx).long()
-    far = model._state.distance_table_rows() - 1
+    far = model._state.distance_table()[0] - 1
     per_position = 4 if exact else 1  # rows of the rotary table per position
     assert far == (CHUNK + 5) * per_position
     cu = ctx.cu_seqlens.tolist()

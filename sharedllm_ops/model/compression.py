@@ -56,6 +56,7 @@ from .context import (
     recent_chunks,
     segment_cu_seqlens,
     split_nodes,
+    split_spans,
     tree_node_spans,
 )
 from .retrieval import descend, right_descent_node_ids, top_chunks
@@ -293,12 +294,9 @@ class ContextCompressor:
         candidates = which.nonzero().squeeze(1)
         for first, end in chunk_groups(chunks.length[candidates], limit):
             chunk = candidates[first:end]
-            windows = (chunks.length[chunk] + width - 1) // width
-            of = torch.repeat_interleave(chunk, windows)  # the chunk of every window
-            j = torch.arange(of.numel(), device=of.device) - (torch.cumsum(windows, 0) - windows).repeat_interleave(windows)
-            start = chunks.start[of] + j * width
-            length = torch.clamp(chunks.start[of] + chunks.length[of] - start, max=width)
-            emb = self.node_embeddings(tokens, chunks.row[of], start[:, None], length[:, None])[:, 0]
+            window, offset, length = split_spans(chunks.length[chunk], torch.ones_like(chunk, dtype=torch.bool), width)
+            of = chunk[window]  # the chunk of every window
+            emb = self.node_embeddings(tokens, chunks.row[of], (chunks.start[of] + offset)[:, None], length[:, None])[:, 0]
             cos = torch.nn.functional.cosine_similarity(emb.float(), query[chunks.row[of]].float(), dim=-1)
             score.scatter_reduce_(0, of, cos, "amax")
         return score

@@ -32,8 +32,7 @@ class ChunkLayout:
     num_chunks: torch.Tensor  # chunks per sequence
 
     def where(self, keep) -> "ChunkLayout":
-        """The chunks ``keep`` selects (a bool mask or a slice); indices, starts and ``num_chunks``
-        still count every chunk."""
+        """The chunks ``keep`` (a bool mask or a slice) selects; indices and ``num_chunks`` count every chunk."""
         return ChunkLayout(self.row[keep], self.index[keep], self.start[keep], self.length[keep], self.num_chunks)
 
     def take(self, first: int, end: int) -> "ChunkLayout":
@@ -254,13 +253,8 @@ class PreservedNodes:
     length: torch.Tensor
 
 
-def preserved_nodes(
-    chunks: ChunkLayout,
-    splittable: torch.Tensor,
-    node_start: torch.Tensor,
-    node_len: torch.Tensor,
-    node_ids: torch.Tensor,
-) -> PreservedNodes:
+def preserved_nodes(chunks: ChunkLayout, splittable: torch.Tensor, node_start: torch.Tensor, node_len: torch.Tensor,
+                    node_ids: torch.Tensor) -> PreservedNodes:
     """Gathers the preserved nodes of every chunk.
 
     Args:
@@ -290,14 +284,20 @@ def recent_chunks(index: torch.Tensor, row: torch.Tensor, num_chunks: torch.Tens
     return index >= num_chunks[row] - count
 
 
+def split_spans(lengths: torch.Tensor, which: torch.Tensor, piece: int):
+    """Spans (``lengths`` int64 ``[n]``), those ``which`` (bool) marks cut into pieces of ``piece`` tokens:
+    ``(source, offset, length)``, per piece its span, its offset in it and its length."""
+    pieces = torch.where(which, (lengths + piece - 1) // piece, torch.ones_like(lengths))
+    source = torch.repeat_interleave(torch.arange(pieces.numel(), device=pieces.device), pieces)
+    j = torch.arange(source.numel(), device=pieces.device) - (torch.cumsum(pieces, 0) - pieces)[source]
+    cut = which[source]
+    offset = torch.where(cut, j * piece, torch.zeros_like(j))
+    return source, offset, torch.where(cut, torch.clamp(lengths[source] - offset, max=piece), lengths[source])
+
+
 def split_nodes(nodes: PreservedNodes, which: torch.Tensor, piece: int) -> PreservedNodes:
     """``nodes`` with each node where ``which`` (bool) cut into consecutive nodes of ``piece`` tokens."""
-    pieces = torch.where(which, (nodes.length + piece - 1) // piece, torch.ones_like(nodes.length))
-    node = torch.repeat_interleave(torch.arange(pieces.numel(), device=pieces.device), pieces)
-    j = torch.arange(node.numel(), device=pieces.device) - (torch.cumsum(pieces, 0) - pieces)[node]
-    cut = which[node]
-    offset = torch.where(cut, j * piece, torch.zeros_like(j))
-    length = torch.where(cut, torch.clamp(nodes.length[node] - offset, max=piece), nodes.length[node])
+    node, offset, length = split_spans(nodes.length, which, piece)
     return PreservedNodes(nodes.row[node], nodes.chunk[node], nodes.start[node] + offset, length)
 
 
@@ -442,5 +442,6 @@ __all__ = [
     "row_weight_groups",
     "segment_cu_seqlens",
     "split_nodes",
+    "split_spans",
     "tree_node_spans",
 ]

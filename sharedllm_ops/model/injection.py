@@ -257,9 +257,9 @@ class InjectionState:
                 rotary_sin=sin,
             )
         elif self.config.positions == "distance":
-            per_position = self.config.distance_scale if self.config.exact_distance else 1  # table rows
-            far = self.distance_table_rows() - 1
-            cos, sin = self.rotary(far + 1, q.device, subdivisions=per_position)
+            table_rows, per_position = self.distance_table()
+            far = table_rows - 1
+            cos, sin = self.rotary(table_rows, q.device, subdivisions=per_position)
             rotary = dict(
                 q_positions=torch.full((B * L,), far, dtype=torch.int32, device=q.device),
                 k_positions=self.distance_positions(ctx),
@@ -284,13 +284,13 @@ class InjectionState:
             out, lse = (o, l) if out is None else so.merge_attention(out, lse, o, l)
         return out, lse
 
-    def distance_table_rows(self) -> int:
-        """Rows of the rotary table of ``positions="distance"``: the farthest raw recent row (one
-        position per token) plus ``max_distance`` steps, in rows of ``1 / distance_scale`` position
-        with ``exact_distance``, else of one position."""
+    def distance_table(self) -> tuple[int, int]:
+        """``(rows, rows per position)`` of the rotary table of ``positions="distance"``: it reaches the
+        farthest raw recent row (one position per token) plus ``max_distance`` steps, in rows of
+        ``1 / distance_scale`` position with ``exact_distance``, else of one position."""
         cfg = self.config
         per_position = cfg.distance_scale if cfg.exact_distance else 1
-        return (cfg.raw_recent_chunks * cfg.chunk_size + cfg.max_distance) * per_position + 1
+        return (cfg.raw_recent_chunks * cfg.chunk_size + cfg.max_distance) * per_position + 1, per_position
 
     def distance_positions(self, ctx: CompressedContext) -> torch.Tensor:
         """int32 ``[Nk]`` (``positions="distance"``): each row's row of the rotary table, the table's last
@@ -302,7 +302,7 @@ class InjectionState:
         ``(d - R) / distance_scale`` positions (whole steps unless ``exact_distance``), that part
         capped at ``max_distance`` steps."""
         cfg = self.config
-        per_position = cfg.distance_scale if cfg.exact_distance else 1
+        table_rows, per_position = self.distance_table()
         rows = ctx.cu_seqlens[1:].long() - ctx.cu_seqlens[:-1].long()
         end = ctx.context_lengths.long()
         first_recent = torch.clamp(ctx.num_chunks.long() - cfg.raw_recent_chunks, min=0) * cfg.chunk_size
@@ -310,7 +310,7 @@ class InjectionState:
         distance = torch.clamp(end.repeat_interleave(rows) - ctx.k_positions.long(), min=0)
         near = torch.minimum(distance, recent)
         beyond = torch.clamp((distance - near) * per_position // cfg.distance_scale, max=cfg.max_distance * per_position)
-        return (self.distance_table_rows() - 1 - near * per_position - beyond).to(torch.int32)
+        return (table_rows - 1 - near * per_position - beyond).to(torch.int32)
 
     def cross_block_output(self, layer_idx: int, y: torch.Tensor, position_embeddings, attn: nn.Module) -> torch.Tensor:
         """``o_c(Attn(q_c(norm_c(y)), K, V))`` for the residual stream ``y`` ``[B, L, hidden]`` of the
