@@ -110,12 +110,16 @@ def test_the_anchor_changes_the_later_nodes_only_and_keeps_every_row():
     assert (b.keys[1][~rows_of_first] - a.keys[1][~rows_of_first]).abs().amax(-1).amax(-1).min() > 1e-4
 
 
-@pytest.mark.parametrize("setting", [dict(anchor_tokens=4), dict(lead_tokens=4)])
-def test_growing_a_context_refuses_an_anchor(setting):
+@pytest.mark.parametrize("setting,message", [
+    (dict(anchor_tokens=4), "anchor_tokens > 0 or lead_tokens"), (dict(lead_tokens=4), "anchor_tokens > 0 or lead_tokens"),
+    (dict(raw_recent_chunks=1), "raw_recent_chunks"),  # both read where the context ends
+    (dict(retrieved_chunks=0), "retrieved_chunks"), (dict(retrieved_chunks=1), "retrieved_chunks"),
+])
+def test_growing_a_context_refuses_an_anchor_and_chunks_chosen_by_its_end(setting, message):
     _, model = wrapped(**setting)
     with torch.no_grad():
         ctx = model.compress_context(ids(1, CHUNK + 3, seed=3))
-        with pytest.raises(ValueError, match="anchor_tokens > 0 or lead_tokens"):
+        with pytest.raises(ValueError, match=message):
             model.compress_context(ids(1, 5, seed=4), into=ctx)
 
 
@@ -152,7 +156,9 @@ def test_mean_node_embeddings_and_a_query_of_its_last_tokens():
 
 
 @pytest.mark.parametrize("field,value", [("anchor_tokens", -1), ("anchor_tokens", True), ("lead_tokens", -2),
-                                         ("retrieval_node_embedding", "max"), ("retrieval_query_tokens", 0)])
+                                         ("retrieval_node_embedding", "max"), ("retrieval_query_tokens", 0),
+                                         ("raw_recent_chunks", -1), ("raw_recent_chunks", True), ("raw_recent_chunks", 1.5),
+                                         ("retrieved_chunks", -1), ("retrieved_chunks", True), ("retrieved_chunks", 2.0)])
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SharedLLMConfig(**{field: value})

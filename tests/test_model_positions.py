@@ -32,14 +32,18 @@ def projected_keys(base, token_ids: torch.Tensor, layer: int) -> torch.Tensor:
     return k.view(token_ids.numel(), -1, block.self_attn.head_dim)
 
 
+@pytest.mark.parametrize("setting", [
+    # one chunk, no tree, no pooling, one token per position step, no cap
+    dict(tree_depth=0, tokens_per_node=None, distance_scale=1, max_distance=128),
+    # one chunk kept raw (raw_recent_chunks): its rows sit at their token distance whatever distance_scale
+    dict(tree_depth=3, tokens_per_node=4, raw_recent_chunks=1),
+])
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_distance_positions_reproduce_full_attention_when_nothing_is_compressed(arch):
-    # one chunk, no tree, no pooling, one token per position step, no cap: the merged context is the
-    # text before the decoder at its true distances, so the logits are full attention's
+def test_distance_positions_reproduce_full_attention_when_nothing_is_compressed(arch, setting):
+    # the merged context is the text before the decoder at its true distances, so the logits are full attention's
     base = tiny_model(arch, seed=3)
     text = ids(1, 90, seed=4)
-    cfg = SharedLLMConfig(num_injected_layers=4, chunk_size=128, tree_depth=0, tokens_per_node=None, injection="merge",
-                          positions="distance", distance_scale=1, max_distance=128)
+    cfg = SharedLLMConfig(num_injected_layers=4, chunk_size=128, injection="merge", positions="distance", **setting)
     model = SharedLLMForCausalLM.from_base(base, cfg)
     with torch.no_grad():
         got = model(text[:, 70:], context_input_ids=text[:, :70]).logits

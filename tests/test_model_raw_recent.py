@@ -111,21 +111,6 @@ def test_recent_rows_sit_at_their_token_distance_and_older_rows_beyond_them(exac
             assert far - got[row] == round(position * per_position), (b, row, d)
 
 
-def test_one_raw_chunk_in_merge_mode_is_full_attention():
-    """With the whole context one raw recent chunk, ``positions="distance"`` puts every row at its
-    true distance: merge injection reproduces full attention whatever ``distance_scale``."""
-    base = tiny_model("llama", seed=3)
-    text = ids(1, 90, seed=4)
-    cfg = SharedLLMConfig(num_injected_layers=4, chunk_size=128, tree_depth=3, tokens_per_node=4, injection="merge",
-                          positions="distance", raw_recent_chunks=1)
-    model = SharedLLMForCausalLM.from_base(base, cfg)
-    with torch.no_grad():
-        got = model(text[:, 70:], context_input_ids=text[:, :70]).logits
-        model.unwrap()
-        expected = base(text).logits[:, 70:]
-    torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
-
-
 def test_every_chunk_recent_means_nothing_is_compressed():
     context = ids(2 * CHUNK + 3, seed=3)
     _, raw = wrapped(raw_recent_chunks=5)
@@ -143,17 +128,3 @@ def test_a_batch_equals_each_sequence_alone():
     _, model = wrapped(raw_recent_chunks=1, lead_tokens=5, drop_node_sinks=False)
     query = ids(2, 5, seed=6)
     assert_batch_compresses_as_each_alone(model, context, lengths, query)
-
-
-def test_growing_a_context_refuses_raw_recent_chunks():
-    _, model = wrapped(raw_recent_chunks=1)
-    with torch.no_grad():
-        ctx = model.compress_context(ids(1, CHUNK + 3, seed=7))
-        with pytest.raises(ValueError, match="raw_recent_chunks"):
-            model.compress_context(ids(1, 5, seed=8), into=ctx)
-
-
-@pytest.mark.parametrize("value", [-1, True, 1.5])
-def test_bad_values_name_the_field(value):
-    with pytest.raises(ValueError, match="raw_recent_chunks"):
-        SharedLLMConfig(raw_recent_chunks=value)

@@ -149,18 +149,3 @@ def test_a_batch_equals_each_sequence_alone():
     _, model = wrapped(retrieved_chunks=1, raw_recent_chunks=1, lead_tokens=3, drop_node_sinks=False)
     query = ids(2, 5, seed=8)
     assert_batch_compresses_as_each_alone(model, context, lengths, query)
-
-
-@pytest.mark.parametrize("k", [0, 1])
-def test_growing_a_context_refuses_it(k):
-    _, model = wrapped(retrieved_chunks=k)
-    with torch.no_grad():
-        ctx = model.compress_context(ids(1, CHUNK + 3, seed=9))
-        with pytest.raises(ValueError, match="retrieved_chunks"):
-            model.compress_context(ids(1, 5, seed=10), into=ctx)
-
-
-@pytest.mark.parametrize("value", [-1, True, 2.0])
-def test_bad_values_name_the_field(value):
-    with pytest.raises(ValueError, match="retrieved_chunks"):
-        SharedLLMConfig(retrieved_chunks=value)
