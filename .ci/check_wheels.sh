@@ -16,7 +16,7 @@ TEST_DEPS="numpy pytest pytest-benchmark expecttest"
 
 fresh_venv() {  # fresh_venv DIR TORCH_SPEC
   python3 -m venv "$1"
-  "$1/bin/pip" install --quiet "$2" $TEST_DEPS
+  "$1/bin/pip" install --quiet --no-cache-dir "$2" $TEST_DEPS
 }
 
 start=$SECONDS
@@ -45,6 +45,7 @@ if [ -n "$cuda_wheel" ]; then
   fresh_venv "$WORK/venv-cuda" "torch==2.14.1"
   "$WORK/venv-cuda/bin/pip" install --quiet --no-deps "$cuda_wheel"
   (cd "$WORK" && "$WORK/venv-cuda/bin/python" "$REPO/.ci/wheel_smoke.py")
+  rm -rf "$WORK/venv-cuda"  # a CUDA torch takes gigabytes; CI's disk must hold only one at a time
 fi
 
 fresh_venv "$WORK/venv-cpu" "torch==2.13.0"
