@@ -218,3 +218,18 @@ def assert_batch_compresses_as_each_alone(model, context, lengths, query) -> Non
             for got, expected in ((both.keys[layer], alone.keys[layer]), (both.values[layer], alone.values[layer])):
                 torch.testing.assert_close(got[cu[b] : cu[b + 1]], expected, atol=2e-5, rtol=1e-4)
         assert torch.equal(both.k_positions[cu[b] : cu[b + 1]], alone.k_positions), b
+
+
+def token_ids(*shape, seed: int) -> torch.Tensor:
+    """int64 random token ids in ``[3, 128)`` (clear of the tiny models' special tokens)."""
+    return torch.randint(3, 128, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_sharedllm(**cfg):
+    """``(base, model)``: the tiny Llama of ``tiny_model`` and a SharedLLM wrapper around it, in eval
+    mode, with these ``SharedLLMConfig`` fields."""
+    from sharedllm_ops.model import SharedLLMConfig, SharedLLMForCausalLM
+    from sharedllm_ops.model.pretrained import tiny_model
+
+    base = tiny_model("llama", seed=0)
+    return base, SharedLLMForCausalLM.from_base(base, SharedLLMConfig(**cfg)).eval()

@@ -158,7 +158,8 @@ def test_mean_node_embeddings_and_a_query_of_its_last_tokens():
 @pytest.mark.parametrize("field,value", [("anchor_tokens", -1), ("anchor_tokens", True), ("lead_tokens", -2),
                                          ("retrieval_node_embedding", "max"), ("retrieval_query_tokens", 0),
                                          ("raw_recent_chunks", -1), ("raw_recent_chunks", True), ("raw_recent_chunks", 1.5),
-                                         ("retrieved_chunks", -1), ("retrieved_chunks", True), ("retrieved_chunks", 2.0)])
+                                         ("retrieved_chunks", -1), ("retrieved_chunks", True), ("retrieved_chunks", 2.0),
+                                         ("leaf_halo_tokens", -1), ("leaf_halo_tokens", True)])
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SharedLLMConfig(**{field: value})
@@ -168,6 +169,9 @@ def test_bad_settings_name_the_field(field, value):
     (dict(anchor_tokens=4, drop_node_sinks=True), "drop_node_sinks=False"),
     (dict(lead_tokens=4, drop_node_sinks=True), "lead_tokens > 0 replaces drop_node_sinks"),
     (dict(exact_distance=True, positions="true"), "exact_distance needs positions='distance'"),
+    (dict(leaf_halo_tokens=8, tokens_per_node=4), r"at most tokens_per_node \(4\) to stay raw, got 8"),
+    (dict(leaf_halo_tokens=2, tree_depth=0), "leaf_halo_tokens needs a tree"),
+    (dict(leaf_halo_tokens=2, tokens_per_node=None), "leaf_halo_tokens needs a tree .* and pooling"),
 ])
 def test_settings_that_do_not_combine_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):

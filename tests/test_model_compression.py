@@ -291,6 +291,16 @@ def test_growing_in_pieces_equals_compressing_at_once(positions, retrieval, toke
             assert torch.equal(logits, expected)
 
 
+@pytest.mark.parametrize("retrieval", ["query", "right"])
+def test_growing_with_a_leaf_halo_equals_compressing_at_once(retrieval):
+    model = model_with(positions="distance", retrieval=retrieval, leaf_halo_tokens=2)
+    plain = model_with(positions="distance", retrieval=retrieval)
+    with torch.no_grad():
+        at_once = model.compress_context(CONTEXT, LENGTHS, QUERY)
+        assert at_once.nodes.length.numel() > plain.compress_context(CONTEXT, LENGTHS, QUERY).nodes.length.numel()
+        assert_same_context(_grow(model, [0, 20, 21, 64, 100, 150]), at_once)
+
+
 @pytest.mark.parametrize("drop_node_sinks", [False, True])
 def test_growing_with_row_weights_equals_compressing_at_once(drop_node_sinks):
     model = model_with(positions="distance", row_weight_exponent=-1.0, drop_node_sinks=drop_node_sinks)

@@ -9,28 +9,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_batch_compresses_as_each_alone
+from conftest import assert_batch_compresses_as_each_alone, tiny_sharedllm
+from conftest import token_ids as ids
 
 pytest.importorskip("transformers")
 
-from sharedllm_ops.model import SharedLLMConfig, SharedLLMForCausalLM  # noqa: E402
 from sharedllm_ops.model.context import PreservedNodes, split_nodes  # noqa: E402
-from sharedllm_ops.model.pretrained import tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CHUNK, M, P = 32, 2, 4
 
 
-def ids(*shape, seed):
-    return torch.randint(3, 128, shape, generator=torch.Generator().manual_seed(seed))
-
-
 def wrapped(**cfg):
-    base = tiny_model("llama", seed=0)
-    cfg = {"num_injected_layers": M, "chunk_size": CHUNK, "tree_depth": 2, "tokens_per_node": P,
-           "positions": "distance", **cfg}
-    return base, SharedLLMForCausalLM.from_base(base, SharedLLMConfig(**cfg)).eval()
+    return tiny_sharedllm(**{"num_injected_layers": M, "chunk_size": CHUNK, "tree_depth": 2, "tokens_per_node": P,
+                             "positions": "distance", **cfg})
 
 
 @torch.no_grad()

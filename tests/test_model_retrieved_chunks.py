@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_batch_compresses_as_each_alone
+from conftest import assert_batch_compresses_as_each_alone, tiny_sharedllm
+from conftest import token_ids as ids
 import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from sharedllm_ops.model import SharedLLMConfig, SharedLLMForCausalLM  # noqa: E402
 from sharedllm_ops.model.context import chunk_layout, context_tokens  # noqa: E402
-from sharedllm_ops.model.pretrained import tiny_model  # noqa: E402
 from sharedllm_ops.model.retrieval import top_chunks  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -24,15 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CHUNK, M, P, DEPTH = 32, 2, 4, 2
 
 
-def ids(*shape, seed):
-    return torch.randint(3, 128, shape, generator=torch.Generator().manual_seed(seed))
-
-
 def wrapped(**cfg):
-    base = tiny_model("llama", seed=0)
-    cfg = {"num_injected_layers": M, "chunk_size": CHUNK, "tree_depth": DEPTH, "tokens_per_node": P,
-           "positions": "distance", "retrieval_node_embedding": "mean", **cfg}
-    return base, SharedLLMForCausalLM.from_base(base, SharedLLMConfig(**cfg)).eval()
+    return tiny_sharedllm(**{"num_injected_layers": M, "chunk_size": CHUNK, "tree_depth": DEPTH, "tokens_per_node": P,
+                             "positions": "distance", "retrieval_node_embedding": "mean", **cfg})
 
 
 def test_top_chunks_keeps_the_best_candidates_of_each_sequence():
@@ -55,7 +48,7 @@ def normed_layer0_states(base, tokens):
     return base.model.norm(hidden)
 
 
-def test_chunk_scores_are_the_best_leaf_cosine():
+def test_chunk_scores_are_the_best_centred_leaf_cosine():
     base, model = wrapped(retrieved_chunks=1)
     compressor = model._compressor
     context = ids(2, 3 * CHUNK, seed=1)
@@ -70,14 +63,18 @@ def test_chunk_scores_are_the_best_leaf_cosine():
         in_groups = compressor.chunk_scores(tokens, chunks, which, query, CHUNK + 1)  # one chunk per group
     torch.testing.assert_close(in_groups, got, atol=1e-6, rtol=0)
     width = CHUNK // 2**DEPTH
+    leaves = {}  # chunk -> its leaves' mean layer-0 states, each leaf encoded alone from position 0
+    for c in which.nonzero().flatten().tolist():
+        row, first, n = int(chunks.row[c]), int(chunks.start[c]), int(chunks.length[c])
+        leaves[c] = [normed_layer0_states(base, context[row, s : min(s + width, first + n)]).mean(0)
+                     for s in range(first, first + n, width)]
     for c in range(chunks.row.numel()):
         if not which[c]:
             assert got[c] == float("-inf")
             continue
-        row, first, n = int(chunks.row[c]), int(chunks.start[c]), int(chunks.length[c])
-        leaves = [normed_layer0_states(base, context[row, s : min(s + width, first + n)]).mean(0)
-                  for s in range(first, first + n, width)]  # each leaf encoded alone, from position 0
-        best = max(F.cosine_similarity(leaf, query[row], dim=0).item() for leaf in leaves)
+        row = int(chunks.row[c])
+        mean = torch.stack([x for d, xs in leaves.items() if int(chunks.row[d]) == row for x in xs]).mean(0)
+        best = max(F.cosine_similarity(leaf - mean, query[row] - mean, dim=0).item() for leaf in leaves[c])
         assert got[c].item() == pytest.approx(best, abs=1e-5), c
 
 

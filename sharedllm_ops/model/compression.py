@@ -7,8 +7,8 @@ then the chunks are worked through in **groups** of at most ``max_pass_tokens`` 
 (in (sequence, chunk) order; a longer chunk is a group of its own), each group in three stages:
 
 1. **retrieve**: ``retrieval="query"`` encodes the question once (one upper layer) and, level by
-   level, only the tree nodes ``tree_topk``'s descent compares (one lower layer, ``retrieval.py``);
-   ``"right"`` always expands the right child;
+   level, only the tree nodes ``tree_topk``'s descent compares (one lower layer, ``retrieval.py``;
+   ``"right"`` always expands the right child); ``leaf_halo_tokens`` cuts the text beside its leaves free;
 2. **encode**: the lower model runs over the group's preserved nodes, packed into one row of
    independent causal segments, and the keys/values of its ``M`` layers are captured;
 3. **pool**: ``chunk_pool`` compresses every node longer than ``tokens_per_node`` to that many rows
@@ -59,7 +59,7 @@ from .context import (
     split_spans,
     tree_node_spans,
 )
-from .retrieval import descend, right_descent_node_ids, top_chunks
+from .retrieval import centred_chunk_scores, descend, halo_nodes, level_offset, right_descent_node_ids, top_chunks
 
 
 class ContextCompressor:
@@ -285,21 +285,21 @@ class ContextCompressor:
         return splittable & ~recent_chunks(chunks.index, chunks.row, chunks.num_chunks, cfg.raw_recent_chunks)
 
     def chunk_scores(self, tokens: ContextTokens, chunks: ChunkLayout, which: torch.Tensor, query, limit) -> torch.Tensor:
-        """float ``[num_chunks]``: for the chunks ``which`` (bool), the best cosine between the query
-        ``[B, hidden]`` and the embeddings of the chunk's leaves (windows of ``chunk_size / 2 **
-        tree_depth`` tokens, embedded as retrieval embeds a node); ``-inf`` for the others. The
-        chunks are embedded in groups of at most ``limit`` tokens, as they are compressed."""
+        """float ``[num_chunks]``: for the chunks ``which`` (bool), :func:`centred_chunk_scores` of the
+        query ``[B, hidden]`` and the chunk's leaves (windows of ``chunk_size / 2 ** tree_depth`` tokens,
+        embedded as retrieval embeds a node); ``-inf`` for the others. The chunks are embedded in
+        groups of at most ``limit`` tokens, as they are compressed."""
         width = max(self.config.chunk_size // 2**self.config.tree_depth, 1)
-        score = torch.full(chunks.row.shape, float("-inf"), device=chunks.row.device)
         candidates = which.nonzero().squeeze(1)
+        leaves, of = [query.new_zeros(0, query.shape[1])], [candidates[:0]]
         for first, end in chunk_groups(chunks.length[candidates], limit):
             chunk = candidates[first:end]
             window, offset, length = split_spans(chunks.length[chunk], torch.ones_like(chunk, dtype=torch.bool), width)
-            of = chunk[window]  # the chunk of every window
-            emb = self.node_embeddings(tokens, chunks.row[of], (chunks.start[of] + offset)[:, None], length[:, None])[:, 0]
-            cos = torch.nn.functional.cosine_similarity(emb.float(), query[chunks.row[of]].float(), dim=-1)
-            score.scatter_reduce_(0, of, cos, "amax")
-        return score
+            of.append(chunk[window])  # the chunk of every window
+            leaves.append(self.node_embeddings(tokens, chunks.row[of[-1]], (chunks.start[of[-1]] + offset)[:, None],
+                                               length[:, None])[:, 0].float())
+        of = torch.cat(of)
+        return centred_chunk_scores(torch.cat(leaves), of, chunks.row[of], query, chunks.row.numel())
 
     def trees(self, chunks: ChunkLayout, split_noise_seeds, training: bool):
         """``(splittable, node_start, node_len)``: bool ``[num_chunks]``, the chunks with a tree, and
@@ -341,6 +341,12 @@ class ContextCompressor:
                 stats["embedded_nodes"] += embedded.numel()
                 stats["embedded_tokens"] += int(node_len.gather(1, embedded).sum())
         nodes = preserved_nodes(chunks, splittable, node_start, node_len, node_ids)
+        if cfg.leaf_halo_tokens and node_ids.numel():
+            leaf = node_ids >= level_offset(cfg.tree_depth)  # the last level's pair, kept as they are
+            which = splittable.nonzero().squeeze(1)
+            leaf_start = chunks.start[which][:, None] + node_start.gather(1, node_ids)
+            nodes = halo_nodes(nodes, chunks.row[which][:, None].expand_as(leaf)[leaf], leaf_start[leaf],
+                               cfg.leaf_halo_tokens)
         timer.stage("retrieve")
 
         packed = pack_segments(tokens.flat_index(nodes.row, nodes.start), nodes.length)
@@ -373,7 +379,6 @@ class ContextCompressor:
             values.append(v)
         timer.stage("pool")
         return nodes, keys, values
-
 
     def encode_nodes(self, tokens: ContextTokens, nodes, packed, M: int):
         """The lower pass over every preserved node, each encoded alone: ``({layer: (k, v)}, positions)``,

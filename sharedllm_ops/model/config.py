@@ -83,6 +83,10 @@ class SharedLLMConfig:
             query or with ``retrieval="right"``. The others are dropped before encoding, so the
             compressed context, and the attention it takes from the window, stop growing with
             the context. ``None``: every chunk (the paper).
+        leaf_halo_tokens: ``h``: the nodes beside the two leaves that a chunk's descent keeps (its
+            finest nodes) give the ``h`` tokens nearest them to nodes of their own, kept raw (``h <=
+            tokens_per_node``): a sentence cut by a leaf boundary keeps its start and its end in
+            full detail. Adds up to ``2 h`` rows per chunk with a tree. 0: none (the paper).
         row_weight_exponent: ``a``: every compressed row's attention weight is multiplied by
             ``tokens ** a``, where ``tokens`` is the number of context tokens it stands for (``a *
             log(tokens)`` added to its logits; the context's first row, the attention sink, counts as
@@ -118,6 +122,7 @@ class SharedLLMConfig:
     lead_tokens: int = 0
     raw_recent_chunks: int = 0
     retrieved_chunks: int | None = None
+    leaf_halo_tokens: int = 0
     row_weight_exponent: float = 0.0
 
     def __post_init__(self):
@@ -144,6 +149,7 @@ class SharedLLMConfig:
         check_int("lead_tokens", 0)
         check_int("raw_recent_chunks", 0)
         check_int("retrieved_chunks", 0, allow_none=True)
+        check_int("leaf_halo_tokens", 0)
         check_int("retrieval_query_tokens", 1)
         check_int("max_distance", 1)
         check_choice("pool_mode", ("mean", "first"))
@@ -165,6 +171,10 @@ class SharedLLMConfig:
             if getattr(self, name) and self.drop_node_sinks:
                 # behind an anchor a node's first token is no sink: dropping it would only lose a token
                 raise ValueError(f"SharedLLMConfig.{name} > 0 replaces drop_node_sinks: set drop_node_sinks=False")
+        if self.leaf_halo_tokens and (self.tree_depth < 1 or self.tokens_per_node is None
+                                      or self.leaf_halo_tokens > self.tokens_per_node):
+            raise ValueError("SharedLLMConfig.leaf_halo_tokens needs a tree (tree_depth >= 1) and pooling, and must be "
+                             f"at most tokens_per_node ({self.tokens_per_node}) to stay raw, got {self.leaf_halo_tokens}")
         if self.exact_distance and self.positions != "distance":
             raise ValueError(f"SharedLLMConfig.exact_distance needs positions='distance', got {self.positions!r}")
 

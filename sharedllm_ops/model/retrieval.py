@@ -17,7 +17,7 @@ import torch
 
 import sharedllm_ops as so
 
-from .context import BRANCHING
+from .context import BRANCHING, PreservedNodes
 
 
 def level_offset(level: int) -> int:
@@ -90,4 +90,47 @@ def top_chunks(score: torch.Tensor, row: torch.Tensor, candidate: torch.Tensor, 
     return keep
 
 
-__all__ = ["descend", "level_offset", "right_descent_node_ids", "top_chunks"]
+def centred_chunk_scores(leaves: torch.Tensor, chunk: torch.Tensor, row: torch.Tensor, query: torch.Tensor,
+                         num_chunks: int) -> torch.Tensor:
+    """float ``[num_chunks]``: per chunk, the best cosine between one of its leaves and its sequence's
+    query, both less the mean of the sequence's leaves (``-inf`` for a chunk without leaves).
+
+    ``leaves`` ``[n, D]``: leaf embeddings, ``chunk`` and ``row`` int64 ``[n]``: the chunk and the sequence
+    of each; ``query`` ``[B, D]``. Without the mean, what every leaf shares (the style of the text,
+    the filler around a pass key) outweighs what sets one leaf apart: a leaf holding a whole pass
+    key sentence scored no higher than the filler around it."""
+    leaves = leaves.float()
+    B = query.shape[0]
+    count = torch.bincount(row, minlength=B).clamp(min=1)
+    mean = leaves.new_zeros(B, leaves.shape[1]).index_add_(0, row, leaves) / count[:, None]
+    cos = torch.nn.functional.cosine_similarity(leaves - mean[row], query.float()[row] - mean[row], dim=-1)
+    score = torch.full((num_chunks,), float("-inf"), device=leaves.device)
+    return score.scatter_reduce_(0, chunk, cos, "amax")
+
+
+def halo_nodes(nodes: PreservedNodes, leaf_row: torch.Tensor, leaf_start: torch.Tensor, halo: int) -> PreservedNodes:
+    """``nodes`` where every node beside a retrieved leaf of its chunk (``leaf_row``, ``leaf_start``
+    int64 ``[n]``: the leaves' sequences and first tokens), and not a leaf itself, gives the ``halo``
+    tokens nearest that leaf (at most all of them) to a node of their own, which pooling keeps raw
+    when ``halo <= tokens_per_node``: a sentence that a leaf boundary cuts keeps its start and its
+    end in full detail (a pass key stated just before the leaf, the name of a call just after)."""
+    n = nodes.length.numel()
+    if not n or not leaf_row.numel():
+        return nodes
+    span = int(nodes.start.max()) + 1
+    leaf = torch.isin(nodes.row * span + nodes.start, leaf_row * span + leaf_start)
+    same_chunk = (nodes.row[1:] == nodes.row[:-1]) & (nodes.chunk[1:] == nodes.chunk[:-1])
+    before, after = torch.zeros_like(leaf), torch.zeros_like(leaf)
+    before[:-1] = leaf[1:] & same_chunk & ~leaf[:-1]
+    after[1:] = leaf[:-1] & same_chunk & ~leaf[1:]
+    zero = torch.zeros_like(nodes.length)
+    tail = torch.where(before, nodes.length.clamp(max=halo), zero)  # its last tokens, before a leaf
+    head = torch.where(after, (nodes.length - tail).clamp(max=halo), zero)  # its first, after one
+    start = torch.stack([nodes.start, nodes.start + head, nodes.start + nodes.length - tail], 1).flatten()
+    length = torch.stack([head, nodes.length - head - tail, tail], 1).flatten()
+    node = torch.arange(n, device=nodes.length.device).repeat_interleave(3)
+    keep = length > 0
+    return PreservedNodes(nodes.row[node][keep], nodes.chunk[node][keep], start[keep], length[keep])
+
+
+__all__ = ["centred_chunk_scores", "descend", "halo_nodes", "level_offset", "right_descent_node_ids", "top_chunks"]
