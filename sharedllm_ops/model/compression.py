@@ -342,7 +342,7 @@ class ContextCompressor:
                 stats["embedded_tokens"] += int(node_len.gather(1, embedded).sum())
         nodes = preserved_nodes(chunks, splittable, node_start, node_len, node_ids)
         if cfg.leaf_halo_tokens and node_ids.numel():
-            leaf = node_ids >= level_offset(cfg.tree_depth)  # the last level's pair, kept as they are
+            leaf = (node_ids >= level_offset(cfg.tree_depth)) & (node_len.gather(1, node_ids) > 0)  # last level
             which = splittable.nonzero().squeeze(1)
             leaf_start = chunks.start[which][:, None] + node_start.gather(1, node_ids)
             nodes = halo_nodes(nodes, chunks.row[which][:, None].expand_as(leaf)[leaf], leaf_start[leaf],
