@@ -326,9 +326,9 @@ class ContextCompressor:
         descent). Adds the retrieval's work to ``stats``."""
         cfg = self.config
         node_ids = node_start[:, :0]
+        which = splittable.nonzero().squeeze(1)  # the chunks with a tree: the rows of node_start
+        row, chunk_start = chunks.row[which], chunks.start[which][:, None]
         if node_start.shape[0]:
-            which = splittable.nonzero().squeeze(1)
-            row, chunk_start = chunks.row[which], chunks.start[which][:, None]
             if query is None:
                 node_ids = right_descent_node_ids(cfg.tree_depth, self.device).expand(which.numel(), -1)
             else:
@@ -343,10 +343,8 @@ class ContextCompressor:
         nodes = preserved_nodes(chunks, splittable, node_start, node_len, node_ids)
         if cfg.leaf_halo_tokens and node_ids.numel():
             leaf = (node_ids >= level_offset(cfg.tree_depth)) & (node_len.gather(1, node_ids) > 0)  # last level
-            which = splittable.nonzero().squeeze(1)
-            leaf_start = chunks.start[which][:, None] + node_start.gather(1, node_ids)
-            nodes = halo_nodes(nodes, chunks.row[which][:, None].expand_as(leaf)[leaf], leaf_start[leaf],
-                               cfg.leaf_halo_tokens)
+            leaf_start = chunk_start + node_start.gather(1, node_ids)
+            nodes = halo_nodes(nodes, row[:, None].expand_as(leaf)[leaf], leaf_start[leaf], cfg.leaf_halo_tokens)
         timer.stage("retrieve")
 
         packed = pack_segments(tokens.flat_index(nodes.row, nodes.start), nodes.length)
