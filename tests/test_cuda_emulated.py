@@ -327,6 +327,36 @@ def test_a_misaligned_vector_load_faults(emulated):
         emulated.emulator_fault(x, "vector_load", 1)
 
 
+def test_cp_async_lands_at_the_wait_that_covers_its_group(emulated):
+    """Copied, waited for and synced, every thread reads what another copied; with two groups and
+    wait_group 1 the older group has landed and the newer one still reads as the emulator's NaN."""
+    x = torch.arange(68, dtype=torch.float32) + 1
+    assert torch.equal(emulated.emulator_fault(x, "async_copy", 0), x[(torch.arange(64) + 1) % 64])
+    out = emulated.emulator_fault(x, "async_copy", 3)
+    assert torch.equal(out[:16], x[0:64:4])
+    assert torch.isnan(out[16:32]).all()
+
+
+@pytest.mark.parametrize("seed", ["0", "1"])
+@pytest.mark.parametrize("mode", [1, 2], ids=["sync-without-wait", "wait-without-sync"])
+def test_reading_a_cp_async_tile_without_wait_and_sync_is_reported(emulated, mode, seed, monkeypatch):
+    """__syncthreads does not wait for copies, and a wait makes them visible to the issuing thread
+    only: either one alone lets another thread read a tile the copy may not have reached."""
+    monkeypatch.setenv("SHAREDLLM_EMULATOR_SCHEDULE_SEED", seed)
+    x = torch.arange(68, dtype=torch.float32) + 1
+    read = _line_of(FAULTS, "out[t] = tile[(t + 1) % kThreads]")
+    with pytest.raises(RuntimeError, match=rf"shared-memory race \((access while a cp.async to it was in flight|"
+                                           rf"read after write)\).*harness_faults.cpp:{read}\b"):
+        emulated.emulator_fault(x, "async_copy", mode)
+
+
+def test_a_misaligned_cp_async_faults(emulated):
+    line = _line_of(FAULTS, "if (t < 16) cp_async_16(tile + 4 * t")
+    with pytest.raises(RuntimeError, match=rf"cp.async address not 16-byte aligned \(thread 0\) at "
+                                           rf"harness_faults.cpp:{line}\b"):
+        emulated.emulator_fault(torch.zeros(68), "async_copy", 4)
+
+
 def test_static_plus_dynamic_shared_memory_past_48_kib_is_reported(emulated):
     x = torch.zeros(68)
     out = emulated.emulator_fault(x, "big_static", 8 * 1024)  # 40 KiB static + 8 KiB dynamic: the limit
@@ -345,26 +375,26 @@ def test_launches_past_sm90_limits_fail(emulated, kind, good, bad):
         emulated.emulator_fault(x, kind, bad)
 
 
-@pytest.fixture(scope="module")
-def emulated_without_barrier_1():
-    """The attention kernels with SHAREDLLM_BARRIER(1) removed (block_tile's)."""
-    return build_emulated("sharedllm_emulated_drop1", ("attention",), [*CHECKED_FLAGS, "-DSHAREDLLM_DROP_BARRIER=1"])
-
-
-def test_the_race_detector_finds_a_barrier_removed_from_the_attention_kernel(emulated, emulated_without_barrier_1):
-    """Thread 0 finds the block's tile and publishes it through shared memory. In thread order the
-    others read it after it is written, so the results stay right without the barrier: only the
-    detector can tell."""
-    q, k, v, cq, ck, _ = _attention_case([70, 5], [40, 3], 2, 1, 64, 64, torch.bfloat16, False)
+def test_the_race_detector_finds_a_barrier_removed_from_the_attention_kernel(emulated, monkeypatch):
+    """Barrier 1: thread 0 finds the block's tile and publishes it through shared memory. In thread
+    order the others read it after it is written, so the results stay right without the barrier:
+    only the detector can tell. Barrier 2: between the wait for a V tile's cp.async copies and the
+    warps' reads of it (and the next K tile's copies over the K tile they have just read)."""
+    q, k, v, cq, ck, _ = _attention_case([70, 5], [140, 3], 2, 1, 64, 64, torch.bfloat16, False)
     args = (cq, ck, 0.125, None, None, None, None)
     out, _ = emulated.cross_inject_attention(q, k, v, *args)
     ref = so.cross_inject_attention(q, k, v, cq, ck, softmax_scale=0.125, backend="reference")
     assert_close(out, ref, ATTN_TOL[torch.bfloat16], msg="out")
     source = os.path.join(ROOT, "csrc", "cuda", "cross_inject_attention.cu")
     read = _line_of(source, "seq = found[0];")
+    monkeypatch.setenv("SHAREDLLM_EMULATOR_DROP_BARRIER", "1")
     with pytest.raises(RuntimeError, match=rf"race \(read after write\).*thread 0 at cross_inject_attention.cu:\d+.*"
                                            rf"thread 1 at cross_inject_attention.cu:{read}\b"):
-        emulated_without_barrier_1.cross_inject_attention(q, k, v, *args)
+        emulated.cross_inject_attention(q, k, v, *args)
+    monkeypatch.setenv("SHAREDLLM_EMULATOR_DROP_BARRIER", "2")
+    with pytest.raises(RuntimeError, match=r"shared-memory race \((access while a cp.async to it was in flight|"
+                                           r"read after write|write after read)\).*cross_inject_attention.cu"):
+        emulated.cross_inject_attention(q, k, v, *args)
 
 
 def _kernel_results(ops) -> list[torch.Tensor]:

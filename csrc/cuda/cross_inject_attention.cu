@@ -500,6 +500,20 @@ __device__ __forceinline__ void load_tile(uint16_t* tile, const T* base, int64_t
   }
 }
 
+// Rows [first, first + ROWS) of one head (rows >= end zero-filled) into a padded shared tile by cp.async:
+// in flight until the caller commits, waits and syncs. No rotary (k arrives rotated once per call).
+template <int D, int ROWS, typename T>
+__device__ __forceinline__ void load_tile_async(uint16_t* tile, const T* base, int64_t row_stride, int64_t first,
+                                                int64_t end) {
+  constexpr int kVec = 8, kChunksPerRow = D / kVec;
+  for (int c = threadIdx.x; c < ROWS * kChunksPerRow; c += blockDim.x) {
+    const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * kVec;
+    const bool inside = first + row < end;
+    cp_async_16(tile + row * SmemTile<D>::kStride + col, inside ? base + (first + row) * row_stride + col : base,
+                inside);
+  }
+}
+
 // The rotary's transpose on accumulators (C layout) of D columns, for the lane's row half `h`
 // (rows g or g + 8): column c and c + D/2 sit in the same lane, n-tiles nt and nt + D/16.
 template <int D>
@@ -561,7 +575,7 @@ __device__ __forceinline__ bool block_tile(const int32_t* cu, int64_t batch, int
   if (threadIdx.x == 0) {
     if (!find_tile(cu, batch, total, rows_per_tile, blockIdx.x, found[0], found[1])) found[0] = -1;
   }
-  SHAREDLLM_BARRIER(1);  // tests/test_cuda_emulated.py removes it to see the race reported
+  SHAREDLLM_BARRIER(1);  // tests/test_cuda_emulated.py removes it (and 2) to see the race reported
   seq = found[0];
   first_row = found[1];
   return seq >= 0;
@@ -593,15 +607,20 @@ __global__ void __launch_bounds__(kMmaThreads) attention_forward_mma(AttentionFo
   for (int kk = 0; kk < D / 16; ++kk) load_a<D>(q_frag[kk], k_tile, warp * 16, kk * 16, lane);
   __syncthreads();
 
+  // FlashAttention-2's pipeline on one K and one V tile: V of a tile lands while S = Q K^T runs, K of
+  // the next while O += P V runs (k arrives rotated once per call: no rotary here)
+  const T* k_head = static_cast<const T*>(p.k) + kv_head * p.k_head_stride;
+  const T* v_head = static_cast<const T*>(p.v) + kv_head * p.v_head_stride;
+  if (k_begin < k_end) load_tile_async<D, kBlockN>(k_tile, k_head, p.k_row_stride, k_begin, k_end);
+  cp_async_commit();
   const float scale_log2 = p.softmax_scale * kLog2e;
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows g and g + 8
   for (int64_t n0 = k_begin; n0 < k_end; n0 += kBlockN) {
-    load_tile<T, D, kBlockN>(k_tile, static_cast<const T*>(p.k) + kv_head * p.k_head_stride, p.k_row_stride, n0,
-                             k_end, r.k_positions, r);
-    load_tile<T, D, kBlockN>(v_tile, static_cast<const T*>(p.v) + kv_head * p.v_head_stride, p.v_row_stride, n0,
-                             k_end, nullptr, r);
-    __syncthreads();
+    cp_async_wait<0>();
+    __syncthreads();  // this tile's K is in for every thread, and every warp is done with the last V
+    load_tile_async<D, kBlockN>(v_tile, v_head, p.v_row_stride, n0, k_end);
+    cp_async_commit();
 
     float s[kBlockN / 8][4] = {};
     mma_rows_by_tile<T, D, kBlockN>(s, q_frag, k_tile, lane);
@@ -637,8 +656,11 @@ __global__ void __launch_bounds__(kMmaThreads) attention_forward_mma(AttentionFo
     }
     l[0] += row_sum[0];
     l[1] += row_sum[1];
+    cp_async_wait<0>();
+    SHAREDLLM_BARRIER(2);  // this tile's V is in for every thread, and every warp is done with its K
+    if (n0 + kBlockN < k_end) load_tile_async<D, kBlockN>(k_tile, k_head, p.k_row_stride, n0 + kBlockN, k_end);
+    cp_async_commit();
     mma_accumulators_by_tile<T, D, kBlockN>(o, s, v_tile, lane);
-    __syncthreads();  // before the next tile overwrites k_tile / v_tile
   }
 
 #pragma unroll
@@ -888,6 +910,10 @@ unsigned tile_blocks(int64_t rows, int64_t batch, int64_t rows_per_tile) {
 
 template <typename T, int D>
 void launch_forward_mma(const AttentionForwardParams& p, int64_t nq, int64_t nk, cudaStream_t stream) {
+  // the kernel copies k tiles as they are: with a rotary, k must come rotated (with_k_rotated_once)
+  if (p.rotary.cos != nullptr && p.rotary.k_positions != nullptr && nk > 0)
+    throw std::invalid_argument("cross_inject_attention: the tensor-core forward needs k rotated once per call "
+                                "(AttentionParams::k_rotated)");
   const dim3 grid(tile_blocks(nq, p.batch, 16 * kMmaWarps), static_cast<unsigned>(p.num_q_heads),
                   static_cast<unsigned>(p.num_splits));
   launch_kernel(attention_forward_mma<T, D>, grid, kMmaThreads, 0, stream, p, nq, nk);

@@ -47,6 +47,29 @@ __global__ void big_static(float* out) {
   out[threadIdx.x] = tile[(threadIdx.x + 1) % kThreads];
 }
 
+// cp.async: threads 0..15 each copy 16 bytes (x[4t..4t+3]) into a shared tile. mode 0: commit, wait,
+// sync, then each thread reads the next thread's float; 1: sync without the wait; 2: wait without the
+// sync (both races); 3: a second group into another tile, wait_group 1, and each thread reads its own
+// copies (the first landed, the second still in flight); 4: a source off 16 bytes.
+__global__ void async_copy(const float* x, float* out, int mode) {
+  __shared__ __align__(16) float tile[kThreads];
+  __shared__ __align__(16) float later[kThreads];
+  const int t = threadIdx.x;
+  if (t < 16) cp_async_16(tile + 4 * t, x + 4 * t + (mode == 4 ? 1 : 0), true);
+  cp_async_commit();
+  if (mode == 3) {
+    if (t < 16) cp_async_16(later + 4 * t, x + 4 * t, true);
+    cp_async_commit();
+    cp_async_wait<1>();
+    if (t < 16) out[t] = tile[4 * t], out[16 + t] = later[4 * t];
+    else if (t >= 32) out[t] = 0.f;
+    return;
+  }
+  if (mode != 1) cp_async_wait<0>();
+  if (mode != 2) __syncthreads();
+  out[t] = tile[(t + 1) % kThreads];
+}
+
 }  // namespace sharedllm::cuda::faults
 
 namespace {
@@ -66,6 +89,7 @@ Tensor emulator_fault(const Tensor& x, const std::string& kind, int64_t arg) {
   else if (kind == "unwritten") cuda::launch_kernel(f::unwritten, one, block, 0, nullptr, o, arg != 0);
   else if (kind == "vector_load") cuda::launch_kernel(f::vector_load, one, block, 0, nullptr, in, o, static_cast<int>(arg));
   else if (kind == "global_read") cuda::launch_kernel(f::global_read, one, block, 0, nullptr, in, o, arg);
+  else if (kind == "async_copy") cuda::launch_kernel(f::async_copy, one, block, 0, nullptr, in, o, static_cast<int>(arg));
   else if (kind == "big_static") cuda::launch_kernel(f::big_static, one, block, static_cast<size_t>(arg), nullptr, o);
   else if (kind == "grid_y") cuda::launch_kernel(f::published, dim3(1, static_cast<unsigned>(arg)), block, 0, nullptr, in, o, true);
   else if (kind == "block_threads") cuda::launch_kernel(f::published, one, dim3(static_cast<unsigned>(arg)), 0, nullptr, in, o, true);

@@ -104,6 +104,41 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* ro
 #endif
 }
 
+// cp.async.cg.shared.global (sm_80+): 16 bytes from global to shared memory without passing through
+// registers, in flight until a cp_async_wait covers the group it was committed in; with `fill` false
+// the 16 bytes are zeros and `src` is not read (src-size 0). Both addresses 16-byte aligned.
+// __syncthreads does not wait for copies: wait, then sync, before another thread reads them.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool fill) {
+#if defined(SHAREDLLM_CUDA_EMULATOR)
+  emulator::cp_async_16(dst, src, fill);  // tests/cuda_emulator: lands only at the wait that covers it
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(src), "r"(fill ? 16 : 0)
+               : "memory");
+#else
+  __trap();  // the host never picks the tensor-core path below sm_80
+#endif
+}
+
+// cp.async.commit_group: the copies issued since the last commit form one group.
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(SHAREDLLM_CUDA_EMULATOR)
+  emulator::cp_async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// cp.async.wait_group N: returns once at most the N latest committed groups of this thread are in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(SHAREDLLM_CUDA_EMULATOR)
+  emulator::cp_async_wait(N);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 // The segment of packed row `row`: the last s with cu[s] <= row (segments may be empty).
 __device__ __forceinline__ int64_t segment_of_row(const int32_t* cu, int64_t num_segments, int64_t row) {
   int64_t lo = 0, hi = num_segments;  // answer in [lo, hi)
@@ -115,13 +150,13 @@ __device__ __forceinline__ int64_t segment_of_row(const int32_t* cu, int64_t num
   return lo;
 }
 
-// __syncthreads() at a barrier numbered `n`. A test build of the CPU emulator defines
-// SHAREDLLM_DROP_BARRIER=n to remove that one barrier and expects its race detector to report the
-// race the removal opens (tests/test_cuda_emulated.py); everywhere else it is a plain barrier.
-#if defined(SHAREDLLM_CUDA_EMULATOR) && defined(SHAREDLLM_DROP_BARRIER)
+// __syncthreads() at a barrier numbered `n`. Under the CPU emulator, SHAREDLLM_EMULATOR_DROP_BARRIER=n
+// removes that one barrier, and a test expects the race detector to report the race the removal
+// opens (tests/test_cuda_emulated.py); everywhere else it is a plain barrier.
+#if defined(SHAREDLLM_CUDA_EMULATOR)
 #define SHAREDLLM_BARRIER(n) \
   do {                         \
-    if ((n) != SHAREDLLM_DROP_BARRIER) __syncthreads(); \
+    if ((n) != emulator::dropped_barrier()) __syncthreads(); \
   } while (0)
 #else
 #define SHAREDLLM_BARRIER(n) __syncthreads()

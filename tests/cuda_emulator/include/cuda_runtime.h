@@ -7,7 +7,8 @@
 // nonzero number, in a fresh seeded random order at every round. __syncthreads, __syncwarp, warp
 // shuffles and mma.sync are collective: a fiber deposits its operand and yields until every live
 // thread of its block (or warp) has arrived. mma.sync m16n8k16 is rebuilt from the 32 lanes'
-// fragments with the layout of the PTX ISA and multiplied in float32. Static __shared__ arrays
+// fragments with the layout of the PTX ISA and multiplied in float32. cp.async copies land only at
+// the cp.async.wait_group that covers them (NaN until then). Static __shared__ arrays
 // become function statics (one block runs at a time); they and the dynamic shared memory are
 // NaN-filled before each block (emulator_checks.h finds the statics), so that a read of unwritten
 // shared memory shows up in the results. A launch the GPU would refuse (a block of more than 1024
@@ -76,6 +77,11 @@ namespace emulator {
 // sm_90's shared memory per block: the default, and the most a kernel may opt in to
 constexpr size_t kDefaultSharedBytes = 48 * 1024, kOptInSharedBytes = 227 * 1024;
 
+// the SHAREDLLM_BARRIER number that SHAREDLLM_EMULATOR_DROP_BARRIER removes (read at each launch; 0: none)
+inline int& dropped_barrier() {
+  static int number = 0;
+  return number;
+}
 inline cudaError_t& last_error() {
   static cudaError_t error = cudaSuccess;
   return error;
@@ -138,11 +144,21 @@ inline uint32_t __float_as_uint(float f) {
 
 namespace emulator {
 
+// A cp.async copy in flight: where it lands, the 16 bytes it carries (read at the issue: the source
+// must not change before the copy completes anyway), the block epoch it was issued in.
+struct AsyncCopy {
+  unsigned char* destination;
+  unsigned char bytes[16];
+  int epoch;
+};
+
 struct Fiber {
   ucontext_t context;
   std::unique_ptr<char[]> stack;
   unsigned thread;
   bool done = false;
+  std::vector<AsyncCopy> open_group;                // cp.async copies since the last commit_group
+  std::vector<std::vector<AsyncCopy>> committed;  // committed groups still in flight, oldest first
 };
 
 struct Block {
@@ -257,6 +273,47 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row, bool trans) {
   barrier(warp_scope());
 }
 
+// cp.async.cg.shared.global [dst], [src], 16, src_size (sm_80+), cp.async.commit_group and
+// cp.async.wait_group N, as the PTX ISA defines them: a thread's copies join its open group,
+// commit_group closes that group, and wait_group N returns once at most the N latest of the thread's
+// committed groups are still in flight (copies not yet committed are not waited for). The emulator
+// lands a copy only when a wait covers it, as the slowest GPU might, and NaN-fills its destination
+// at the issue, so a read before the wait shows in the results. __syncthreads waits for no copy.
+// The race detector sees the copy write at the issue (a thread still reading the old tile races
+// with it) and again when it lands, and reports any other thread's access to the bytes in between
+// (emulator_checks.h, async_copy_lands).
+SHAREDLLM_UNCHECKED __attribute__((noinline)) inline void cp_async_16(void* dst, const void* src, bool fill) {
+  const void* pc = __builtin_return_address(0);
+  const unsigned me = threadIdx.x;
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || (fill && reinterpret_cast<uintptr_t>(src) % 16 != 0)) {
+    checks::report("cp.async address not 16-byte aligned (thread " + std::to_string(me) + ") at " + checks::where(pc));
+    trap_fiber();
+  }
+  Block& b = *block();
+  AsyncCopy copy{static_cast<unsigned char*>(dst), {}, b.generation[0]};
+  if (fill) std::memcpy(copy.bytes, src, 16);  // src_size 0: zeros, and nothing is read
+  checks::on_access(reinterpret_cast<uintptr_t>(dst), 16, true, pc);
+  std::memset(dst, 0xff, 16);
+  b.fibers[b.current].open_group.push_back(copy);
+}
+SHAREDLLM_UNCHECKED inline void cp_async_commit() {
+  Fiber& f = block()->fibers[block()->current];
+  f.committed.push_back(std::move(f.open_group));
+  f.open_group.clear();
+}
+SHAREDLLM_UNCHECKED inline void land_groups(Fiber& f, size_t keep, const void* pc) {
+  while (f.committed.size() > keep) {
+    for (const AsyncCopy& c : f.committed.front()) {
+      checks::async_copy_lands(reinterpret_cast<uintptr_t>(c.destination), 16, c.epoch, pc);
+      std::memcpy(c.destination, c.bytes, 16);
+    }
+    f.committed.erase(f.committed.begin());
+  }
+}
+SHAREDLLM_UNCHECKED __attribute__((noinline)) inline void cp_async_wait(int pending) {
+  land_groups(block()->fibers[block()->current], static_cast<size_t>(pending), __builtin_return_address(0));
+}
+
 inline float half_bits_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu;
   uint32_t mant = h & 0x3ffu;
@@ -332,7 +389,11 @@ void fiber_entry(unsigned lo, unsigned hi) {
   auto* launch = reinterpret_cast<L*>((static_cast<uintptr_t>(hi) << 32) | lo);
   std::apply(launch->kernel, launch->args);
   Block& b = *block();
-  b.fibers[b.current].done = true;
+  Fiber& f = b.fibers[b.current];
+  // a thread's copies in flight land even after it ends (the GPU completes them); uncommitted ones too
+  cp_async_commit();
+  land_groups(f, 0, nullptr);
+  f.done = true;
   ++b.progress;
 }
 
@@ -379,6 +440,8 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t 
     emulator::last_error() = cudaErrorInvalidValue;
     return;
   }
+  const char* dropped = std::getenv("SHAREDLLM_EMULATOR_DROP_BARRIER");
+  emulator::dropped_barrier() = dropped ? std::atoi(dropped) : 0;
   const char* seed_text = std::getenv("SHAREDLLM_EMULATOR_SCHEDULE_SEED");
   const unsigned long seed = seed_text ? std::strtoul(seed_text, nullptr, 10) : 0;
   emulator::checks::State& checks = emulator::checks::state();

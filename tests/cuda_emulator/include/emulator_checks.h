@@ -162,9 +162,16 @@ inline std::string source_line(const void* pc) {
   // the return address is the instruction after the call to the check: step back into the call
   std::snprintf(offset, sizeof offset, "0x%lx",
                 static_cast<unsigned long>(reinterpret_cast<uintptr_t>(pc) - reinterpret_cast<uintptr_t>(info.dli_fbase) - 1));
-  // with -i the first line is the innermost inlined frame: the access itself
-  std::string line = run(std::string("addr2line -i -e '") + info.dli_fname + "' " + offset + " 2>/dev/null");
-  line = line.substr(0, line.find('\n'));
+  // with -i the first line is the innermost inlined frame: the access itself, unless that is one of
+  // cuda_common.cuh's intrinsic wrappers (cp.async), whose caller is the line worth naming
+  const std::string frames = run(std::string("addr2line -i -e '") + info.dli_fname + "' " + offset + " 2>/dev/null");
+  std::string line = frames.substr(0, frames.find('\n'));
+  for (size_t at = 0; line.find("cuda_common.cuh:") != std::string::npos && at != std::string::npos;) {
+    at = frames.find('\n', at);
+    if (at == std::string::npos || at + 1 >= frames.size()) break;
+    ++at;
+    line = frames.substr(at, frames.find('\n', at) - at);
+  }
   if (line.empty() || line[0] == '?') return std::string(info.dli_fname) + "+" + offset;
   const size_t slash = line.rfind('/', line.find(':'));
   return slash == std::string::npos ? line : line.substr(slash + 1);
@@ -253,6 +260,33 @@ SHAREDLLM_UNCHECKED inline void on_access(uintptr_t address, size_t size, bool w
     if (slot == nullptr) slot = ordered(byte->reads[0], now) ? &byte->reads[0] : ordered(byte->reads[1], now) ? &byte->reads[1]
                                 : byte->reads[0].thread / 32 == now.thread / 32 ? &byte->reads[0] : &byte->reads[1];
     *slot = now;
+  }
+  s.busy = false;
+}
+
+// A cp.async copy of `size` bytes issued in block epoch `issued` lands now: any access to its bytes
+// by another thread since that epoch could have met the copy half done (a read before the issuing
+// thread's wait and a barrier, a write the copy then overwrote). The landing is then this thread's write.
+SHAREDLLM_UNCHECKED inline void async_copy_lands(uintptr_t address, size_t size, int issued, const void* pc) {
+  State& s = state();
+  if (!s.active || s.busy) return;
+  s.busy = true;
+  const Access now{s.block_serial, s.thread, static_cast<uint32_t>(s.generation[0]),
+                   static_cast<uint32_t>(s.generation[1 + s.thread / 32]), pc};
+  Byte* first = shadow_of(s, address);
+  bool reported = false;
+  auto in_flight = [&](const Access& a) {
+    return a.block == now.block && a.thread >= 0 && a.thread != now.thread && a.epoch >= static_cast<uint32_t>(issued);
+  };
+  for (size_t i = 0; first != nullptr && i < size; ++i) {
+    Byte* byte = first + i;
+    for (const Access* a : {&byte->write, &byte->reads[0], &byte->reads[1]})
+      if (!reported && in_flight(*a)) {
+        race("access while a cp.async to it was in flight", *a, now, address + i);
+        reported = true;
+      }
+    byte->write = now;
+    byte->reads[0] = byte->reads[1] = Access{};
   }
   s.busy = false;
 }
