@@ -159,9 +159,7 @@ def test_mean_node_embeddings_and_a_query_of_its_last_tokens():
                                          ("retrieval_node_embedding", "max"), ("retrieval_query_tokens", 0),
                                          ("raw_recent_chunks", -1), ("raw_recent_chunks", True), ("raw_recent_chunks", 1.5),
                                          ("retrieved_chunks", -1), ("retrieved_chunks", True), ("retrieved_chunks", 2.0),
-                                         ("leaf_halo_tokens", -1), ("leaf_halo_tokens", True),
-                                         ("kept_latest_chunks", -1), ("kept_latest_chunks", 1),
-                                         ("kept_latest_chunks", True)])
+                                         ("leaf_halo_tokens", -1), ("leaf_halo_tokens", True)])
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SharedLLMConfig(**{field: value})
@@ -174,8 +172,6 @@ def test_bad_settings_name_the_field(field, value):
     (dict(leaf_halo_tokens=8, tokens_per_node=4), r"at most tokens_per_node \(4\) to stay raw, got 8"),
     (dict(leaf_halo_tokens=2, tree_depth=0), "leaf_halo_tokens needs a tree"),
     (dict(leaf_halo_tokens=2, tokens_per_node=None), "leaf_halo_tokens needs a tree .* and pooling"),
-    (dict(kept_latest_chunks=3, retrieved_chunks=2), r"kept_latest_chunks must be at most retrieved_chunks \(2\), got 3"),
-    (dict(kept_latest_chunks=1), r"at most retrieved_chunks \(None\), got 1"),
 ])
 def test_settings_that_do_not_combine_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):

@@ -84,33 +84,30 @@ def rows_of(ctx, chunk_index):
     return [ctx.keys[0][rows], ctx.values[0][rows], ctx.k_positions[rows]]
 
 
-@pytest.mark.parametrize("raw_recent,kept_latest", [(0, 0), (1, 0), (0, 1), (1, 2)])
+@pytest.mark.parametrize("raw_recent", [0, 1])
 @pytest.mark.parametrize("with_query", [False, True])
-def test_only_the_chosen_chunks_remain_each_as_without_the_choice(raw_recent, kept_latest, with_query):
+def test_only_the_chosen_chunks_remain_each_as_without_the_choice(raw_recent, with_query):
     context = ids(5 * CHUNK - 3, seed=3)  # four full chunks and a short fifth
-    base, chosen = wrapped(retrieved_chunks=2, raw_recent_chunks=raw_recent, kept_latest_chunks=kept_latest)
+    base, chosen = wrapped(retrieved_chunks=2, raw_recent_chunks=raw_recent)
     _, plain = wrapped(raw_recent_chunks=raw_recent)
     query = ids(1, 6, seed=4) if with_query else None
     with torch.no_grad():
         got = chosen.compress_context(context[None], query_input_ids=query)
         every = plain.compress_context(context[None], query_input_ids=query)
     older = list(range(1, 5 - raw_recent))  # the first chunk is no candidate: it always stays
-    latest = older[len(older) - kept_latest:]  # kept whatever their score
-    candidates = older[: len(older) - kept_latest]
-    if with_query:  # the older chunks of the best leaves, by the compressor's own scores
+    if with_query:  # the two older chunks of the best leaves, by the compressor's own scores
         tokens, _ = context_tokens(context[None], torch.tensor([context.numel()]), CHUNK)
         chunks = chunk_layout(tokens.lengths, CHUNK)
         q = chosen._compressor.retrieval_query(query, None, tokens.total_lengths)
-        which = torch.isin(torch.arange(5), torch.tensor(candidates, dtype=torch.long))
-        scores = chosen._compressor.chunk_scores(tokens, chunks, which, q, None)
-        picked = sorted(candidates, key=lambda c: (-scores[c].item(), c))[: 2 - kept_latest]
+        candidates = (torch.arange(5) >= 1) & (torch.arange(5) < 5 - raw_recent)
+        scores = chosen._compressor.chunk_scores(tokens, chunks, candidates, q, None)
+        kept = sorted(sorted(older, key=lambda c: (-scores[c].item(), c))[:2])
     else:  # without a query, the latest ones
-        picked = candidates[len(candidates) - (2 - kept_latest):] if kept_latest < 2 else []
-    kept = sorted([0, *picked, *latest, *range(5 - raw_recent, 5)])
-    assert len(kept) == 3 + raw_recent
+        kept = older[-2:]
+    kept = [0] + kept + list(range(5 - raw_recent, 5))
     assert sorted(set(got.nodes.chunk.tolist())) == kept
     assert got.stats["encoded_chunks"] == len(kept) and got.stats["chunks"] == 5
-    assert got.stats["scored_chunks"] == (len(candidates) if with_query else 0)
+    assert got.stats["scored_chunks"] == (len(older) if with_query else 0)
     assert int(got.num_chunks[0]) == 5  # the context still counts every chunk
     for c in kept:
         for a, b in zip(rows_of(got, c), rows_of(every, c)):

@@ -219,16 +219,14 @@ class ContextCompressor:
             with torch.no_grad():
                 query = self.retrieval_query(query_input_ids, query_attention_mask, tokens.total_lengths)
         scored = 0
-        if selecting:  # of the older chunks, the latest kept_latest_chunks stay; the query picks the rest
-            older &= ~recent_chunks(chunks.index, chunks.row, chunks.num_chunks,
-                                    cfg.raw_recent_chunks + cfg.kept_latest_chunks)
+        if selecting:
             score = chunks.index.float()  # without a query (or with an empty one): the latest
             if query is not None:
                 with torch.no_grad():
                     cos = self.chunk_scores(tokens, chunks, older, query, limit)
                 score = torch.where((query == 0).all(-1)[chunks.row], score, cos)
                 scored = int(older.sum())
-            chunks = chunks.where(top_chunks(score, chunks.row, older, cfg.retrieved_chunks - cfg.kept_latest_chunks))
+            chunks = chunks.where(top_chunks(score, chunks.row, older, cfg.retrieved_chunks))
         splittable, node_start, node_len = self.trees(chunks, split_noise_seeds, training)
         timer.stage("retrieve")
 

@@ -83,9 +83,6 @@ class SharedLLMConfig:
             query or with ``retrieval="right"``. The others are dropped before encoding, so the
             compressed context, and the attention it takes from the window, stop growing with
             the context. ``None``: every chunk (the paper).
-        kept_latest_chunks: of the older chunks ``retrieved_chunks`` chooses from, the latest ``n``
-            always stay, whatever their score; the query chooses the other ``retrieved_chunks - n``.
-            A longer context then keeps what a shorter one had nearest the decoder. 0: none.
         leaf_halo_tokens: ``h``: the nodes beside the two leaves that a chunk's descent keeps (its
             finest nodes) give the ``h`` tokens nearest them to nodes of their own, kept raw (``h <=
             tokens_per_node``): a sentence cut by a leaf boundary keeps its start and its end in
@@ -125,7 +122,6 @@ class SharedLLMConfig:
     lead_tokens: int = 0
     raw_recent_chunks: int = 0
     retrieved_chunks: int | None = None
-    kept_latest_chunks: int = 0
     leaf_halo_tokens: int = 0
     row_weight_exponent: float = 0.0
 
@@ -153,7 +149,6 @@ class SharedLLMConfig:
         check_int("lead_tokens", 0)
         check_int("raw_recent_chunks", 0)
         check_int("retrieved_chunks", 0, allow_none=True)
-        check_int("kept_latest_chunks", 0)
         check_int("leaf_halo_tokens", 0)
         check_int("retrieval_query_tokens", 1)
         check_int("max_distance", 1)
@@ -180,9 +175,6 @@ class SharedLLMConfig:
                                       or self.leaf_halo_tokens > self.tokens_per_node):
             raise ValueError("SharedLLMConfig.leaf_halo_tokens needs a tree (tree_depth >= 1) and pooling, and must be "
                              f"at most tokens_per_node ({self.tokens_per_node}) to stay raw, got {self.leaf_halo_tokens}")
-        if self.kept_latest_chunks and (self.retrieved_chunks is None or self.kept_latest_chunks > self.retrieved_chunks):
-            raise ValueError("SharedLLMConfig.kept_latest_chunks must be at most retrieved_chunks "
-                             f"({self.retrieved_chunks}), got {self.kept_latest_chunks}")
         if self.exact_distance and self.positions != "distance":
             raise ValueError(f"SharedLLMConfig.exact_distance needs positions='distance', got {self.positions!r}")
 
