@@ -92,15 +92,18 @@ def attention_cases(backend, device, dtype, failures):
                 extra = dict(q_positions=torch.randint(0, 64, (sum(q_lens),), device=device, dtype=torch.int32),
                              k_positions=torch.randint(0, 64, (sum(k_lens),), device=device, dtype=torch.int32),
                              rotary_cos=angles.cos(), rotary_sin=angles.sin())
-            # with rotary, also the forward split over the keys (3 shares, its combine kernel)
+            # with rotary, also the forward split over the keys and the backward's split of the dK/dV work
+            # (3 shares each, and their combine kernels)
+            split_vars = ("SHAREDLLM_ATTENTION_SPLITS", "SHAREDLLM_ATTENTION_BACKWARD_SPLITS")
             for splits in ("1", "3") if rotary else ("1",):
-                os.environ["SHAREDLLM_ATTENTION_SPLITS"] = splits
+                os.environ.update(dict.fromkeys(split_vars, splits))
                 try:
                     out = so.cross_inject_attention(q, k, v, cu_q, cu_k, backend=backend, **extra)
+                    grad = torch.randn_like(out)
+                    grads = torch.autograd.grad(out, (q, k, v), grad)
                 finally:
-                    del os.environ["SHAREDLLM_ATTENTION_SPLITS"]
-                grad = torch.randn_like(out)
-                grads = torch.autograd.grad(out, (q, k, v), grad)
+                    for var in split_vars:
+                        del os.environ[var]
                 refs = [t.detach().float().requires_grad_() for t in (q, k, v)]
                 expected = reference.cross_inject_attention(*refs, cu_q, cu_k, **extra)
                 expected_grads = torch.autograd.grad(expected, refs, grad.float())

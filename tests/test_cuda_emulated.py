@@ -168,6 +168,36 @@ def test_attention_forward_split_over_the_keys(emulated, monkeypatch, splits, dt
     torch.testing.assert_close(lse, ref_lse, atol=5e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("splits,dtype,d,hq,hk,rotary", [
+    pytest.param(None, torch.bfloat16, 64, 4, 1, True, id="default-bf16-d64-rotary-gqa4"),
+    pytest.param("3", torch.bfloat16, 64, 4, 2, True, id="3-bf16-d64-rotary"),
+    pytest.param("2", torch.float16, 128, 2, 1, False, id="2-fp16-d128"),
+])
+def test_attention_backward_split_of_the_dk_dv_work(emulated, monkeypatch, splits, dtype, d, hq, hk, rotary):
+    """SHAREDLLM_ATTENTION_BACKWARD_SPLITS=n: n blocks per (key tile, kv head) share its (query head, query
+    tile) pairs (shares without pairs included: sequences without queries, fewer pairs than shares), and
+    sum_dkdv_splits adds their parts into the reference's dk and dv. default: 256 queries of 4 heads against
+    64 keys of one kv head, one block for 132 SMs, split by the heuristic."""
+    lq, lk = SPLIT_LENGTHS if splits else ([256], [64])
+    if splits:
+        monkeypatch.setenv("SHAREDLLM_ATTENTION_BACKWARD_SPLITS", splits)
+    else:
+        monkeypatch.delenv("SHAREDLLM_ATTENTION_BACKWARD_SPLITS", raising=False)
+    q, k, v, cq, ck, extra = _attention_case(lq, lk, hq, hk, d, d, dtype, rotary)
+    scale = d**-0.5
+    args = (cq, ck, scale, extra["q_positions"], extra["k_positions"], extra["rotary_cos"], extra["rotary_sin"])
+    out, lse = emulated.cross_inject_attention(q, k, v, *args)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = so.cross_inject_attention(*leaves, cq, ck, softmax_scale=scale, backend="reference", **extra)
+    g = torch.randn_like(out)
+    exp = torch.autograd.grad((ref.float() * g.float()).sum(), leaves)
+    with nan_filled_empty():  # the shares' scratch too: an unwritten part would read NaN
+        got = emulated.cross_inject_attention_backward(g, None, q, k, v, out, lse, *args)
+    for name, a, b in zip("qkv", got, exp):
+        assert_finite(a, f"d{name}")
+        assert_close(a, b, grad_tol(dtype, float(b.abs().max())), msg=f"d{name}")
+
+
 def test_attention_without_lse_gradient_and_empty_inputs(emulated):
     q, k, v, cq, ck, extra = _attention_case([17], [40], 2, 1, 64, 64, torch.bfloat16, False)
     out, lse = emulated.cross_inject_attention(q, k, v, cq, ck, 0.125, None, None, None, None)

@@ -778,7 +778,9 @@ __global__ void __launch_bounds__(kMmaThreads)
 }
 
 // dK, dV for 64 key rows of one kv head, over every query of the sequence and every query head of
-// the GQA group: S^T = K Q^T and dP^T = V dO^T per query tile, dV += P^T dO, dK += dS^T Q.
+// the GQA group: S^T = K Q^T and dP^T = V dO^T per query tile, dV += P^T dO, dK += dS^T Q. With a
+// split, block z takes the (query head, query tile) pairs [z W / S, (z + 1) W / S) of the group's W
+// and leaves its float32 partial sums for sum_dkdv_splits.
 template <typename T, int D>
 __global__ void __launch_bounds__(kMmaThreads)
     attention_backward_dkdv_mma(AttentionBackwardParams p, int64_t nq, int64_t nk, const float* delta) {
@@ -804,50 +806,50 @@ __global__ void __launch_bounds__(kMmaThreads)
                            k_end, nullptr, r);
   const float scale_log2 = p.softmax_scale * kLog2e;
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
-  for (int64_t head = kv_head * group; head < (kv_head + 1) * group; ++head) {
-    for (int64_t m0 = q_begin; m0 < q_end; m0 += kBlockM) {
-      load_tile<T, D, kBlockM>(q_tile, static_cast<const T*>(p.q) + head * p.q_head_stride, p.q_row_stride, m0, q_end,
-                               r.q_positions, r);
-      load_tile<T, D, kBlockM>(go_tile, static_cast<const T*>(p.grad_out) + head * D, p.num_q_heads * D, m0, q_end,
-                               nullptr, r);
-      for (int i = threadIdx.x; i < kBlockM; i += blockDim.x) {
-        const bool ok = m0 + i < q_end;
-        lse_log2[i] = ok ? p.lse[(m0 + i) * p.num_q_heads + head] * kLog2e : INFINITY;  // P = 0 off the sequence
-        row_delta[i] = ok ? delta[(m0 + i) * p.num_q_heads + head] : 0.f;
-      }
-      __syncthreads();
-
-      float s[kBlockM / 8][4] = {}, dp[kBlockM / 8][4] = {};  // S^T, dP^T: rows = keys, columns = queries
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t k_frag[4], v_frag[4];
-        load_a<D>(k_frag, k_tile, warp * 16, kk * 16, lane);
-        load_a<D>(v_frag, v_tile, warp * 16, kk * 16, lane);
-#pragma unroll
-        for (int nt = 0; nt < kBlockM / 8; nt += 2) {
-          uint32_t q_b[4], go_b[4];
-          load_b_pairs<D>(q_b, q_tile, nt, kk, lane);
-          load_b_pairs<D>(go_b, go_tile, nt, kk, lane);
-          mma16816<T>(s[nt], k_frag, q_b[0], q_b[1]);
-          mma16816<T>(s[nt + 1], k_frag, q_b[2], q_b[3]);
-          mma16816<T>(dp[nt], v_frag, go_b[0], go_b[1]);
-          mma16816<T>(dp[nt + 1], v_frag, go_b[2], go_b[3]);
-        }
-      }
-#pragma unroll
-      for (int nt = 0; nt < kBlockM / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int query = nt * 8 + 2 * t + (e & 1);
-          const float prob = exp2f(s[nt][e] * scale_log2 - lse_log2[query]);
-          s[nt][e] = prob;                                     // P^T
-          dp[nt][e] = prob * (dp[nt][e] - row_delta[query]);  // dS^T
-        }
-      }
-      mma_accumulators_by_tile<T, D, kBlockM>(dv, s, go_tile, lane);
-      mma_accumulators_by_tile<T, D, kBlockM>(dk, dp, q_tile, lane);
-      __syncthreads();  // before the next query tile overwrites the shared tiles
+  const int64_t q_tiles = (q_end - q_begin + kBlockM - 1) / kBlockM, pairs = group * q_tiles, z = blockIdx.z;
+  for (int64_t pair = z * pairs / p.num_splits; pair < (z + 1) * pairs / p.num_splits; ++pair) {
+    const int64_t head = kv_head * group + pair / q_tiles, m0 = q_begin + pair % q_tiles * kBlockM;
+    load_tile<T, D, kBlockM>(q_tile, static_cast<const T*>(p.q) + head * p.q_head_stride, p.q_row_stride, m0, q_end,
+                             r.q_positions, r);
+    load_tile<T, D, kBlockM>(go_tile, static_cast<const T*>(p.grad_out) + head * D, p.num_q_heads * D, m0, q_end,
+                             nullptr, r);
+    for (int i = threadIdx.x; i < kBlockM; i += blockDim.x) {
+      const bool ok = m0 + i < q_end;
+      lse_log2[i] = ok ? p.lse[(m0 + i) * p.num_q_heads + head] * kLog2e : INFINITY;  // P = 0 off the sequence
+      row_delta[i] = ok ? delta[(m0 + i) * p.num_q_heads + head] : 0.f;
     }
+    __syncthreads();
+
+    float s[kBlockM / 8][4] = {}, dp[kBlockM / 8][4] = {};  // S^T, dP^T: rows = keys, columns = queries
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t k_frag[4], v_frag[4];
+      load_a<D>(k_frag, k_tile, warp * 16, kk * 16, lane);
+      load_a<D>(v_frag, v_tile, warp * 16, kk * 16, lane);
+#pragma unroll
+      for (int nt = 0; nt < kBlockM / 8; nt += 2) {
+        uint32_t q_b[4], go_b[4];
+        load_b_pairs<D>(q_b, q_tile, nt, kk, lane);
+        load_b_pairs<D>(go_b, go_tile, nt, kk, lane);
+        mma16816<T>(s[nt], k_frag, q_b[0], q_b[1]);
+        mma16816<T>(s[nt + 1], k_frag, q_b[2], q_b[3]);
+        mma16816<T>(dp[nt], v_frag, go_b[0], go_b[1]);
+        mma16816<T>(dp[nt + 1], v_frag, go_b[2], go_b[3]);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < kBlockM / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int query = nt * 8 + 2 * t + (e & 1);
+        const float prob = exp2f(s[nt][e] * scale_log2 - lse_log2[query]);
+        s[nt][e] = prob;                                     // P^T
+        dp[nt][e] = prob * (dp[nt][e] - row_delta[query]);  // dS^T
+      }
+    }
+    mma_accumulators_by_tile<T, D, kBlockM>(dv, s, go_tile, lane);
+    mma_accumulators_by_tile<T, D, kBlockM>(dk, dp, q_tile, lane);
+    __syncthreads();  // before the next query tile overwrites the shared tiles
   }
 
 #pragma unroll
@@ -856,9 +858,27 @@ __global__ void __launch_bounds__(kMmaThreads)
     if (row >= k_end) continue;
     unrotate_accumulators<D>(dk, h, rotary_row(r.cos, r.k_positions, row, r, D),
                              rotary_row(r.sin, r.k_positions, row, r, D), lane);
+    if (p.num_splits > 1) {  // this share's part, added up by sum_dkdv_splits
+      const int64_t slot = (z * nk + row) * p.num_kv_heads + kv_head;
+      store_accumulators_f32<D>(p.split_dk + slot * D, dk, h, p.softmax_scale, lane);
+      store_accumulators_f32<D>(p.split_dv + slot * D, dv, h, 1.f, lane);
+      continue;
+    }
     store_accumulators<T, D>(static_cast<T*>(p.grad_k) + (row * p.num_kv_heads + kv_head) * D, dk, h,
                              p.softmax_scale, lane);
     store_accumulators<T, D>(static_cast<T*>(p.grad_v) + (row * p.num_kv_heads + kv_head) * D, dv, h, 1.f, lane);
+  }
+}
+
+// The split dK/dV's last step: grad_k and grad_v as the sums of the shares' parts (D == Dv on this path).
+template <typename T>
+__global__ void sum_dkdv_splits(AttentionBackwardParams p, int64_t nk) {
+  const int64_t items = nk * p.num_kv_heads * p.head_dim, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < items; i += stride) {
+    float dk = 0.f, dv = 0.f;
+    for (int z = 0; z < p.num_splits; ++z) dk += p.split_dk[z * items + i], dv += p.split_dv[z * items + i];
+    static_cast<T*>(p.grad_k)[i] = store_float<T>(dk);
+    static_cast<T*>(p.grad_v)[i] = store_float<T>(dv);
   }
 }
 
@@ -939,9 +959,16 @@ void launch_backward_mma(const AttentionBackwardParams& p, const AttentionBackwa
     constexpr size_t shared = dkdv_shared_bytes<D>();
     auto kernel = attention_backward_dkdv_mma<T, D>;
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-    const dim3 grid(tile_blocks(nk, p.batch, 16 * kMmaWarps), static_cast<unsigned>(p.num_kv_heads));
+    const dim3 grid(tile_blocks(nk, p.batch, 16 * kMmaWarps), static_cast<unsigned>(p.num_kv_heads),
+                    static_cast<unsigned>(p.num_splits));
     launch_kernel(kernel, grid, kMmaThreads, shared, stream, p, nq, nk, delta);
     check_launch("cross_inject_attention_backward (dk, dv)");
+    if (p.num_splits > 1) {
+      const int64_t items = nk * p.num_kv_heads * D;
+      const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((items + 255) / 256, 65535));
+      launch_kernel(sum_dkdv_splits<T>, blocks, 256, 0, stream, p, nk);
+      check_launch("cross_inject_attention_backward (dk, dv shares)");
+    }
   }
   if (nq > 0) {
     const dim3 grid(tile_blocks(nq, p.batch, 16 * kMmaWarps), static_cast<unsigned>(p.num_q_heads));
@@ -1023,6 +1050,23 @@ int attention_forward_splits(const AttentionParams& p, int64_t nq, int64_t nk) {
 }
 
 template <typename T>
+int attention_backward_splits(const AttentionParams& p, int64_t nq, int64_t nk) {
+  if constexpr (std::is_same_v<T, float>) {
+    return 1;  // the split is in the tensor-core kernel only
+  } else {
+    if (nq == 0 || nk == 0 || p.num_kv_heads == 0 || !use_tensor_cores<T>(p)) return 1;
+    if (const char* forced = std::getenv("SHAREDLLM_ATTENTION_BACKWARD_SPLITS"))
+      return static_cast<int>(std::clamp<long>(std::strtol(forced, nullptr, 10), 1, kMaxSplits));
+    // two blocks per SM, and at least 4 (query head, 32-query tile) pairs per share on average
+    const int64_t blocks = static_cast<int64_t>(tile_blocks(nk, p.batch, 16 * kMmaWarps)) * p.num_kv_heads;
+    const int64_t wanted = 2 * static_cast<int64_t>(multiprocessor_count());
+    const int64_t pairs = p.num_q_heads / p.num_kv_heads * (nq / std::max<int64_t>(p.batch, 1) / 32);
+    const int64_t splits = std::min((wanted + blocks - 1) / blocks, pairs / 4);
+    return static_cast<int>(std::clamp<int64_t>(splits, 1, kMaxSplits));
+  }
+}
+
+template <typename T>
 bool rotates_k_once(const AttentionParams& p) {
   if constexpr (std::is_same_v<T, float>) return false;  // float32 has no tensor-core path
   else return p.rotary.cos != nullptr && use_tensor_cores<T>(p);
@@ -1031,6 +1075,9 @@ bool rotates_k_once(const AttentionParams& p) {
 template int attention_forward_splits<float>(const AttentionParams&, int64_t, int64_t);
 template int attention_forward_splits<half_t>(const AttentionParams&, int64_t, int64_t);
 template int attention_forward_splits<bfloat16_t>(const AttentionParams&, int64_t, int64_t);
+template int attention_backward_splits<float>(const AttentionParams&, int64_t, int64_t);
+template int attention_backward_splits<half_t>(const AttentionParams&, int64_t, int64_t);
+template int attention_backward_splits<bfloat16_t>(const AttentionParams&, int64_t, int64_t);
 template bool rotates_k_once<float>(const AttentionParams&);
 template bool rotates_k_once<half_t>(const AttentionParams&);
 template bool rotates_k_once<bfloat16_t>(const AttentionParams&);

@@ -133,6 +133,20 @@ inline std::optional<std::tuple<Tensor, Tensor>> attach_split_scratch(AttentionF
   return std::make_tuple(out, lse);
 }
 
+// CUDA: the float32 scratch of a split dK/dV (AttentionBackwardParams::num_splits; `splits`:
+// cuda::attention_backward_splits), set in `p`; keep the returned tensors until the kernels are enqueued.
+inline std::optional<std::tuple<Tensor, Tensor>> attach_backward_split_scratch(AttentionBackwardParams& p,
+                                                                                const Tensor& k, int splits) {
+  if (splits <= 1) return std::nullopt;
+  const int64_t nk = k.size(0), hk = k.size(1);
+  Tensor dk = new_tensor({splits, nk, hk, p.head_dim}, ScalarType::Float, k);
+  Tensor dv = new_tensor({splits, nk, hk, p.v_dim}, ScalarType::Float, k);
+  p.num_splits = splits;
+  p.split_dk = ptr<float>(dk);
+  p.split_dv = ptr<float>(dv);
+  return std::make_tuple(dk, dv);
+}
+
 // The backward's extra arguments: grad_out/out [Nq, Hq, Dv] of q's dtype, lse float32 [Nq, Hq] and
 // grad_lse of lse's shape. Returns grad_lse as contiguous float32 (undefined when absent).
 inline Tensor check_attention_backward_inputs(const AttentionInputs& in, const Tensor& grad_out,

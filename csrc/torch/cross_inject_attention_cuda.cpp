@@ -54,6 +54,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_inject_attention_backward_cuda(
         check_cuda_head_dims(checked);
         AttentionBackwardParams p = checked;
         const auto k_rotated = attach_k_rotated(p, k, cuda::rotates_k_once<T>(p));
+        const auto split = attach_backward_split_scratch(p, k, cuda::attention_backward_splits<T>(p, nq, nk));
         delta = new_tensor({nq, q.size(1)}, ScalarType::Float, q);
         cuda::cross_inject_attention_backward<T>(p, nq, nk, ptr<float>(delta), current_stream(q));
       });

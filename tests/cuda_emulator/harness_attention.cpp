@@ -46,6 +46,8 @@ std::tuple<Tensor, Tensor, Tensor> backward(
                                            using T = typename decltype(tag)::type;
                                            AttentionBackwardParams p = checked;
                                            const auto k_rotated = binding::attach_k_rotated(p, k, cuda::rotates_k_once<T>(p));
+                                           const auto split = binding::attach_backward_split_scratch(
+                                               p, k, cuda::attention_backward_splits<T>(p, nq, nk));
                                            cuda::cross_inject_attention_backward<T>(p, nq, nk, binding::ptr<float>(delta),
                                                                                     nullptr);
                                          });

@@ -57,6 +57,12 @@ struct AttentionBackwardParams : AttentionParams {
   void* grad_q;                // [Nq, Hq, D], contiguous
   void* grad_k;                // [Nk, Hk, D], contiguous
   void* grad_v;                // [Nk, Hk, Dv], contiguous
+  // CUDA split of the dK/dV work (cuda::attention_backward_splits: when key tiles x kv heads cannot fill
+  // the GPU): num_splits blocks per (key tile, kv head) each take a share of the (query head, query
+  // tile) pairs of its GQA group and leave float32 partial sums here; a second kernel adds them up.
+  int num_splits = 1;
+  float* split_dk = nullptr;  // [num_splits, Nk, Hk, D] float32, scaled and un-rotated
+  float* split_dv = nullptr;  // [num_splits, Nk, Hk, Dv] float32
 };
 
 // Rotation of one row (D even) and its transpose, shared by every backend.
@@ -101,6 +107,11 @@ void cross_inject_attention_forward(const AttentionForwardParams& p, int64_t nq,
 inline constexpr int kMaxSplits = 16;
 template <typename T>
 int attention_forward_splits(const AttentionParams& p, int64_t nq, int64_t nk);
+// How many blocks share the dK/dV work of one (key tile, kv head) in the backward: 1, or up to kMaxSplits
+// when few key tiles and kv heads would leave most SMs idle (a short compressed context, few kv heads).
+// SHAREDLLM_ATTENTION_BACKWARD_SPLITS=n forces n (tests, tuning).
+template <typename T>
+int attention_backward_splits(const AttentionParams& p, int64_t nq, int64_t nk);
 // Whether the kernels for these params use AttentionParams::k_rotated (the tensor-core path with a rotary):
 // the binding allocates the scratch only then.
 template <typename T>
