@@ -143,6 +143,14 @@ def test_attention_forward_backward_match_reference(emulated, dtype, d, dv, hq, 
 SPLIT_LENGTHS = ([70, 0, 5, 1, 3], [300, 3, 0, 200, 65])  # 5 and 4 key tiles, one, none, a query-less sequence
 
 
+def _force_splits(monkeypatch, variable: str, splits: str | None) -> None:
+    """``variable`` forces ``splits`` shares; None leaves the choice to the heuristic."""
+    if splits:
+        monkeypatch.setenv(variable, splits)
+    else:
+        monkeypatch.delenv(variable, raising=False)
+
+
 @pytest.mark.parametrize("splits,dtype,d,hq,hk,rotary", [
     pytest.param(None, torch.bfloat16, 64, 4, 2, True, id="default-bf16-d64-rotary"),
     pytest.param("3", torch.bfloat16, 64, 4, 2, True, id="3-bf16-d64-rotary"),
@@ -154,10 +162,7 @@ def test_attention_forward_split_over_the_keys(emulated, monkeypatch, splits, dt
     the reference's out and lse. default: 64 queries against 1024 keys, which fill 4 of 264 block slots on
     132 SMs, split by the heuristic."""
     lq, lk = SPLIT_LENGTHS if splits else ([64], [1024])
-    if splits:
-        monkeypatch.setenv("SHAREDLLM_ATTENTION_SPLITS", splits)
-    else:
-        monkeypatch.delenv("SHAREDLLM_ATTENTION_SPLITS", raising=False)
+    _force_splits(monkeypatch, "SHAREDLLM_ATTENTION_SPLITS", splits)
     q, k, v, cq, ck, extra = _attention_case(lq, lk, hq, hk, d, d, dtype, rotary)
     args = (cq, ck, d**-0.5, extra["q_positions"], extra["k_positions"], extra["rotary_cos"], extra["rotary_sin"])
     with nan_filled_empty():  # the shares' scratch too: an unwritten share would read NaN
@@ -179,10 +184,7 @@ def test_attention_backward_split_of_the_dk_dv_work(emulated, monkeypatch, split
     sum_dkdv_splits adds their parts into the reference's dk and dv. default: 256 queries of 4 heads against
     64 keys of one kv head, one block for 132 SMs, split by the heuristic."""
     lq, lk = SPLIT_LENGTHS if splits else ([256], [64])
-    if splits:
-        monkeypatch.setenv("SHAREDLLM_ATTENTION_BACKWARD_SPLITS", splits)
-    else:
-        monkeypatch.delenv("SHAREDLLM_ATTENTION_BACKWARD_SPLITS", raising=False)
+    _force_splits(monkeypatch, "SHAREDLLM_ATTENTION_BACKWARD_SPLITS", splits)
     q, k, v, cq, ck, extra = _attention_case(lq, lk, hq, hk, d, d, dtype, rotary)
     scale = d**-0.5
     args = (cq, ck, scale, extra["q_positions"], extra["k_positions"], extra["rotary_cos"], extra["rotary_sin"])

@@ -218,13 +218,18 @@ SHAREDLLM_UNCHECKED inline Byte* shadow_of(State& s, uintptr_t address) {
   return &s.shadow[it->shadow + (address - it->begin)];
 }
 
+// The running thread's access at `pc`, in its current block and warp epochs.
+SHAREDLLM_UNCHECKED inline Access access_now(const State& s, const void* pc) {
+  return Access{s.block_serial, s.thread, static_cast<uint32_t>(s.generation[0]),
+                static_cast<uint32_t>(s.generation[1 + s.thread / 32]), pc};
+}
+
 SHAREDLLM_UNCHECKED inline void on_access(uintptr_t address, size_t size, bool write,
                                                            const void* pc) {
   State& s = state();
   if (!s.active || s.busy) return;
   s.busy = true;
-  const Access now{s.block_serial, s.thread, static_cast<uint32_t>(s.generation[0]),
-                   static_cast<uint32_t>(s.generation[1 + s.thread / 32]), pc};
+  const Access now = access_now(s, pc);
   // an access never straddles two shared objects: one lookup, then its bytes' consecutive shadows
   Byte* first = shadow_of(s, address);
   uintptr_t end = address + size;
@@ -271,8 +276,7 @@ SHAREDLLM_UNCHECKED inline void async_copy_lands(uintptr_t address, size_t size,
   State& s = state();
   if (!s.active || s.busy) return;
   s.busy = true;
-  const Access now{s.block_serial, s.thread, static_cast<uint32_t>(s.generation[0]),
-                   static_cast<uint32_t>(s.generation[1 + s.thread / 32]), pc};
+  const Access now = access_now(s, pc);
   Byte* first = shadow_of(s, address);
   bool reported = false;
   auto in_flight = [&](const Access& a) {
