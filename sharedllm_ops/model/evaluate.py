@@ -44,13 +44,13 @@ def training_free_configs(num_layers: int, chunk_size: int = 1024) -> dict[str, 
     return {
         "SharedLLM training-free (merge), uncompressed": SharedLLMConfig(**common, tree_depth=0, tokens_per_node=None),
         # keys pooled before rotary at their distance in the text, strided; nodes behind an anchor and
-        # their lead; the last two chunks raw; the 32 tokens beside each retrieved leaf raw; beyond 8K
-        # only the 7 older chunks most like the query (and the first): the best setting on the
-        # validation split, its passkey and its context curve (issue 16)
+        # their lead; the last chunk raw; the 32 tokens beside each retrieved leaf raw; beyond 8K only
+        # the 7 older chunks most like the query (and the first): the best setting on the validation
+        # split, its passkey and its context curve (issue 16)
         TRAINING_FREE_ROW: SharedLLMConfig(
             **{**common, "positions": "distance"}, tree_depth=5, tokens_per_node=chunk_size // 32, retrieval="query",
             pool_mode="first", retrieval_node_embedding="mean", retrieval_query_tokens=16, anchor_tokens=16,
-            lead_tokens=64, drop_node_sinks=False, raw_recent_chunks=2, exact_distance=True, retrieved_chunks=7,
+            lead_tokens=64, drop_node_sinks=False, raw_recent_chunks=1, exact_distance=True, retrieved_chunks=7,
             leaf_halo_tokens=chunk_size // 32,
         ),
     }
