@@ -1032,20 +1032,29 @@ void cross_inject_attention_backward(const AttentionBackwardParams& p, int64_t n
   }
 }
 
+// How many blocks share one block's work: `forced_by` (an environment variable) if set, else enough for two
+// blocks per SM where `blocks` would leave SMs idle, with at least 4 of the `units` of work per share on
+// average; 1 to kMaxSplits.
+namespace {
+int split_count(const char* forced_by, int64_t blocks, int64_t units) {
+  if (const char* forced = std::getenv(forced_by))
+    return static_cast<int>(std::clamp<long>(std::strtol(forced, nullptr, 10), 1, kMaxSplits));
+  const int64_t wanted = 2 * static_cast<int64_t>(multiprocessor_count());
+  const int64_t splits = std::min((wanted + blocks - 1) / blocks, units / 4);
+  return static_cast<int>(std::clamp<int64_t>(splits, 1, kMaxSplits));
+}
+}  // namespace
+
 template <typename T>
 int attention_forward_splits(const AttentionParams& p, int64_t nq, int64_t nk) {
   if constexpr (std::is_same_v<T, float>) {
     return 1;  // the split is in the tensor-core kernel only
   } else {
     if (nq == 0 || nk == 0 || p.num_q_heads == 0 || !use_tensor_cores<T>(p)) return 1;
-    if (const char* forced = std::getenv("SHAREDLLM_ATTENTION_SPLITS"))
-      return static_cast<int>(std::clamp<long>(std::strtol(forced, nullptr, 10), 1, kMaxSplits));
-    // enough blocks for two per SM (the forward fits three), and at least 4 key tiles per share on average
-    const int64_t blocks = static_cast<int64_t>(tile_blocks(nq, p.batch, 16 * kMmaWarps)) * p.num_q_heads;
-    const int64_t wanted = 2 * static_cast<int64_t>(multiprocessor_count());
-    const int64_t key_tiles = nk / std::max<int64_t>(p.batch, 1) / 64;
-    const int64_t splits = std::min((wanted + blocks - 1) / blocks, key_tiles / 4);
-    return static_cast<int>(std::clamp<int64_t>(splits, 1, kMaxSplits));
+    // the shares: key tiles (the forward fits three blocks per SM)
+    return split_count("SHAREDLLM_ATTENTION_SPLITS",
+                       static_cast<int64_t>(tile_blocks(nq, p.batch, 16 * kMmaWarps)) * p.num_q_heads,
+                       nk / std::max<int64_t>(p.batch, 1) / 64);
   }
 }
 
@@ -1055,14 +1064,10 @@ int attention_backward_splits(const AttentionParams& p, int64_t nq, int64_t nk) 
     return 1;  // the split is in the tensor-core kernel only
   } else {
     if (nq == 0 || nk == 0 || p.num_kv_heads == 0 || !use_tensor_cores<T>(p)) return 1;
-    if (const char* forced = std::getenv("SHAREDLLM_ATTENTION_BACKWARD_SPLITS"))
-      return static_cast<int>(std::clamp<long>(std::strtol(forced, nullptr, 10), 1, kMaxSplits));
-    // two blocks per SM, and at least 4 (query head, 32-query tile) pairs per share on average
-    const int64_t blocks = static_cast<int64_t>(tile_blocks(nk, p.batch, 16 * kMmaWarps)) * p.num_kv_heads;
-    const int64_t wanted = 2 * static_cast<int64_t>(multiprocessor_count());
-    const int64_t pairs = p.num_q_heads / p.num_kv_heads * (nq / std::max<int64_t>(p.batch, 1) / 32);
-    const int64_t splits = std::min((wanted + blocks - 1) / blocks, pairs / 4);
-    return static_cast<int>(std::clamp<int64_t>(splits, 1, kMaxSplits));
+    // the shares: (query head, 32-query tile) pairs of the GQA group
+    return split_count("SHAREDLLM_ATTENTION_BACKWARD_SPLITS",
+                       static_cast<int64_t>(tile_blocks(nk, p.batch, 16 * kMmaWarps)) * p.num_kv_heads,
+                       p.num_q_heads / p.num_kv_heads * (nq / std::max<int64_t>(p.batch, 1) / 32));
   }
 }
 
